@@ -1,0 +1,228 @@
+"""``qcompile``: the command line.
+
+Exit status: 0 success, 2 a problem with the input (one line on stderr), 1 a bug in
+qcompiler (one line with a hint; ``--debug`` shows the traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import PassFailure, QCompilerError, ShapeError, UserError
+
+PROG = "qcompile"
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2
+        raise UserError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=PROG,
+        description="Quantize and compile an ONNX model for an edge target.",
+        epilog=(
+            "Calibration data (--calib): a .npz file whose arrays are keyed by model input name, "
+            "each of shape (N, *input_shape), or a folder of such files. Without --calib and "
+            "without --preset/--pipeline, weights are quantized to int8 without data and "
+            "activations stay float."
+        ),
+    )
+    parser.add_argument("model", nargs="?", help="ONNX model file")
+    parser.add_argument("--target", "-t", help="target spec, e.g. host or arm-neon{dotprod=true}")
+    parser.add_argument("-o", "--output", dest="out_dir", help="output folder (must not exist or be empty)")
+    parser.add_argument("--calib", help="calibration data: .npz file or folder of .npz files")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--preset", help="named pipeline (see --list-passes)")
+    how.add_argument("--pipeline", help="pipeline spec, e.g. 'fold-constants,quantize-weights{format=int4:per-group:32}'")
+    parser.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME=DIMS",
+        help="pin an input's shape, e.g. input_ids=1x128 (repeatable)",
+    )
+    parser.add_argument("--report", action="store_true", help="write report.json (and report.html) into the output")
+    parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed for anything random (default 0)")
+    diag = parser.add_argument_group("diagnostics")
+    diag.add_argument("--time-passes", action="store_true", help="print the time each pass took")
+    diag.add_argument("--print-ir-after-change", action="store_true", help="print the IR (stderr) after each pass that changed it")
+    diag.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
+    diag.add_argument("--check-numerics", action="store_true", help="run the reference interpreter around every pass and report error/SQNR")
+    diag.add_argument("--reproducer-dir", help="where to save a reproducer if a pass crashes")
+    diag.add_argument("--debug", action="store_true", help="show Python tracebacks and warnings")
+    parser.add_argument("--list-passes", action="store_true", help="list passes, their options, and presets")
+    parser.add_argument("--list-targets", action="store_true", help="list targets")
+    parser.add_argument("--version", action="store_true", help="print the version")
+    return parser
+
+
+def parse_input_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        if not sep or not name or not re.fullmatch(r"\d+([x,]\d+)*", dims.strip()):
+            raise ShapeError(f"--input-shape {item!r}: expected NAME=DIMS such as input_ids=1x128")
+        shapes[name] = tuple(int(d) for d in re.split(r"[x,]", dims.strip()))
+    return shapes
+
+
+def _list_passes(out) -> None:
+    from .pipeline import default_registry, describe
+    from .presets import PRESETS
+
+    print("Passes:", file=out)
+    for cls in default_registry():
+        print("  " + describe(cls).replace("\n", "\n  "), file=out)
+    print("\nPresets (--preset NAME is the same as --pipeline SPEC):", file=out)
+    for preset in PRESETS.values():
+        needs = " [needs --calib]" if preset.needs_calibration else ""
+        print(f"  {preset.name}: {preset.summary}{needs}\n      {preset.spec}", file=out)
+
+
+def _list_targets(out) -> None:
+    from .pipeline import describe
+    from .target import default_targets
+
+    print("Targets:", file=out)
+    for cls in default_targets():
+        print("  " + describe(cls).replace("\n", "\n  "), file=out)
+        print(f"      executes: {cls.capabilities.describe()}", file=out)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = sys.stdout
+    if args.version:
+        from . import __version__
+
+        print(f"{PROG} {__version__}", file=out)
+        return 0
+    if args.list_passes or args.list_targets:
+        if args.list_passes:
+            _list_passes(out)
+        if args.list_targets:
+            _list_targets(out)
+        return 0
+    if not args.model:
+        raise UserError(f"no model given (see {PROG} --help)")
+    if not args.target:
+        raise UserError(f"no --target given (see {PROG} --list-targets)")
+    if not args.out_dir:
+        raise UserError("no output folder given (-o OUT_DIR)")
+    return _compile(args, out)
+
+
+def _compile(args, out) -> int:
+    from . import instruments as inst
+    from .artifact import check_output_dir
+    from .calibdata import CalibrationData
+    from .compiler import compile_model
+    from .onnx_import import load_onnx
+    from .pipeline import Pipeline, parse_one
+    from .presets import DATA_FREE_DEFAULT, get_preset
+    from .target import default_targets
+
+    model_path = Path(args.model)
+    if model_path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
+        raise UserError(
+            f"{model_path}: PyTorch/pickle files are not loaded (unsafe); export to ONNX, "
+            "or use qcompiler.from_torch() in Python"
+        )
+    target = parse_one(args.target, default_targets())
+    check_output_dir(args.out_dir, force=args.force)  # refuse before any expensive work
+    if args.pipeline:
+        pipeline = Pipeline.parse(args.pipeline)
+        preset = None
+    else:
+        preset = get_preset(args.preset or ("w8a8" if args.calib else DATA_FREE_DEFAULT))
+        if preset.needs_calibration and not args.calib:
+            raise UserError(f"preset '{preset.name}' needs calibration data: pass --calib DATA")
+        pipeline = Pipeline.parse(preset.spec)
+        if not args.preset:
+            print(f"{PROG}: note: no --preset given: using '{preset.name}' ({preset.summary})", file=out)
+    calibration = CalibrationData.from_path(args.calib) if args.calib else None
+    model = load_onnx(args.model, input_shapes=parse_input_shapes(args.input_shape))
+
+    instruments = [inst.Reproducer(args.reproducer_dir)]
+    timing = inst.Timing() if args.time_passes else None
+    if timing:
+        instruments.append(timing)
+    if args.print_ir_after_change:
+        instruments.append(inst.PrintIRAfterChange(sys.stderr))
+    if args.verify_each:
+        instruments.append(inst.VerifyEach())
+    if args.check_numerics:
+        instruments.append(inst.NumericCheck())
+
+    result = compile_model(
+        model, target, args.out_dir,
+        pipeline=pipeline, calibration=calibration, seed=args.seed,
+        instruments=instruments, force=args.force, report=args.report,
+        log=(lambda m: print(m, file=sys.stderr)) if args.debug else (lambda m: None),
+    )
+    if timing:
+        print(timing.table(), file=out)
+    if args.check_numerics:
+        for entry in result.context.report.get("numeric_check", []):
+            details = ", ".join(f"{k}={v:.4g}" for k, v in entry.items() if k != "pass")
+            print(f"numeric check: {entry['pass']}: {details}", file=out)
+    nodes = sum(1 for _ in result.model.graph)
+    print(
+        f"{PROG}: wrote {args.out_dir} (target {target}, stage {result.manifest['stage']}, {nodes} nodes)",
+        file=out,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if not debug:
+        warnings.simplefilter("ignore")
+        os.environ.setdefault("TVM_LOG_LEVEL", "FATAL")
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except PassFailure as exc:
+        if debug:
+            raise
+        print(f"{PROG}: internal error: {_one_line(str(exc))} (re-run with --debug and file a bug)", file=sys.stderr)
+        return 1
+    except QCompilerError as exc:
+        if debug:
+            raise
+        print(f"{PROG}: internal error: {_one_line(str(exc))} (re-run with --debug and file a bug)", file=sys.stderr)
+        return exc.exit_code
+    except MemoryError:
+        if debug:
+            raise
+        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line, and how to get the details
+        if debug:
+            raise
+        print(
+            f"{PROG}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+            "(re-run with --debug and file a bug)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "no details"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The compile driver: pipeline → target legalisation → check → build → manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+
+from .artifact import atomic_output_dir, tool_versions, write_manifest
+from .calibdata import CalibrationData, input_specs
+from .graph import get_stage
+from .instruments import default_instruments
+from .passmanager import Instrument, PassContext, run_pipeline
+from .pipeline import Pipeline
+from .target import Target
+
+
+@dataclasses.dataclass
+class CompileResult:
+    out_dir: Path
+    manifest: dict
+    context: PassContext
+    model: ir.Model
+
+
+def _io(values) -> list[dict]:
+    return [
+        {
+            "name": v.name,
+            "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
+            "dtype": str(v.dtype.numpy()),
+        }
+        for v in values
+    ]
+
+
+def compile_model(
+    model: ir.Model,
+    target: Target,
+    out_dir: str | os.PathLike,
+    *,
+    pipeline: Pipeline,
+    calibration: CalibrationData | None = None,
+    seed: int = 0,
+    instruments: list[Instrument] | None = None,
+    force: bool = False,
+    report: bool = False,
+    log=lambda message: None,
+) -> CompileResult:
+    """Compile ``model`` (modified in place) for ``target`` into ``out_dir``.
+
+    Nothing is written unless everything succeeds; ``out_dir`` then holds the
+    target's files and ``manifest.json`` (and ``report.json`` with ``report``).
+    """
+    if calibration is not None:
+        calibration.bind(input_specs(model))
+    ctx = PassContext(
+        seed=seed,
+        calibration=calibration,
+        instruments=default_instruments() + list(instruments or []),
+        log=log,
+    )
+    full = pipeline
+    if target.legalize:
+        full = pipeline + Pipeline.parse(target.legalize)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        run_pipeline(full, model, ctx)
+        target.check(model)
+        target_info = target.build(model, tmp, ctx) or {}
+        if report:
+            from .report import write_report
+
+            write_report(tmp, model, ctx, target)
+        manifest = {
+            "target": target.name,
+            "target_spec": str(target),
+            "pipeline": str(pipeline),
+            "legalize": target.legalize,
+            "stage": get_stage(model),
+            "seed": seed,
+            "inputs": _io(model.graph.inputs),
+            "outputs": _io(model.graph.outputs),
+            "versions": tool_versions(),
+            "target_info": target_info,
+        }
+        write_manifest(tmp, manifest)
+    return CompileResult(Path(out_dir), json.loads((Path(out_dir) / "manifest.json").read_text()), ctx, model)

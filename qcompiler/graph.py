@@ -1,0 +1,153 @@
+"""Small helpers over the graph IR.
+
+qcompiler's IR is `onnx-ir <https://github.com/onnx/ir-py>`_ (``import onnx_ir as ir``):
+one in-memory ONNX graph for every stage (float, fake-quant, integer). This module
+adds the few queries passes keep needing; everything else is plain onnx-ir.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from .opset import QC_DOMAIN, QC_DOMAIN_VERSION
+
+#: Model metadata key that records the stage a model is in.
+STAGE_KEY = "qcompiler.stage"
+#: Node metadata key naming the pass that created the node (provenance).
+CREATED_BY_KEY = "qcompiler.created_by"
+
+STAGES = ("float", "fakequant", "integer")
+
+
+def get_stage(model: ir.Model) -> str:
+    return model.metadata_props.get(STAGE_KEY, "float")
+
+
+def set_stage(model: ir.Model, stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    model.metadata_props[STAGE_KEY] = stage
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value`` (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        producer = value.producer()
+        if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+            return None
+        attr = producer.attributes.get("value")
+        if attr is None or attr.type != ir.AttributeType.TENSOR:
+            return None
+        tensor = attr.value
+    return tensor.numpy()
+
+
+def is_initializer(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer()
+
+
+def is_graph_input(value: ir.Value) -> bool:
+    return value.is_graph_input()
+
+
+class NameFactory:
+    """Fresh, deterministic value/node names that never clash with the graph's."""
+
+    def __init__(self, graph: ir.Graph):
+        self._taken = {v.name for v in iter_values(graph) if v.name}
+        self._taken |= {n.name for n in graph if n.name}
+        self._counters: dict[str, Iterator[int]] = {}
+
+    def __call__(self, base: str) -> str:
+        if base not in self._taken:
+            self._taken.add(base)
+            return base
+        counter = self._counters.setdefault(base, itertools.count(1))
+        while True:
+            name = f"{base}_{next(counter)}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+
+def iter_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    """Every value of the graph: inputs, initializers, node outputs."""
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer named ``name`` (must be fresh)."""
+    array = np.asarray(array)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def set_initializer_array(value: ir.Value, array: np.ndarray) -> None:
+    """Replace the data of an initializer in place, keeping its name and uses."""
+    array = np.asarray(array)
+    value.const_value = ir.tensor(array, name=value.name)
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+
+
+def ensure_qc_opset(model: ir.Model) -> None:
+    model.graph.opset_imports.setdefault(QC_DOMAIN, QC_DOMAIN_VERSION)
+
+
+def static_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """The value's shape as ints, or None if unknown or symbolic."""
+    if value.shape is None:
+        return None
+    dims = []
+    for d in value.shape:
+        if not isinstance(d, int):
+            return None
+        dims.append(d)
+    return tuple(dims)
+
+
+def numpy_dtype(value: ir.Value) -> np.dtype | None:
+    if value.type is None or not isinstance(value.type, ir.TensorType):
+        return None
+    return value.dtype.numpy()
+
+
+def single_consumer(value: ir.Value) -> ir.Node | None:
+    """The only node reading ``value`` (None if several, none, or a graph output)."""
+    if value.is_graph_output():
+        return None
+    users = {use.node for use in value.uses()}
+    return users.pop() if len(users) == 1 else None
+
+
+def node_label(node: ir.Node) -> str:
+    """How error messages name a node: ``'name' (OpType)``."""
+    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+    return f"node '{node.name or '<unnamed>'}' ({op})"
+
+
+def ensure_opset(model: ir.Model, version: int) -> None:
+    """Upgrade the default-domain opset to at least ``version`` (no-op if already there)."""
+    current = model.graph.opset_imports.get("", 1)
+    if current >= version:
+        return
+    import onnxscript.version_converter
+
+    onnxscript.version_converter.convert_version(model, version, fallback=True)
+    model.graph.opset_imports[""] = max(model.graph.opset_imports.get("", 1), version)

@@ -1,0 +1,35 @@
+"""Does any float computation remain in a graph a target declares integer-only?"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from .graph import get_stage, node_label
+
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+def _is_output_dequantize(node: ir.Node) -> bool:
+    """A DequantizeLinear whose result only leaves the graph (the final dequantize)."""
+    if node.op_type != "DequantizeLinear":
+        return False
+    out = node.outputs[0]
+    return out.is_graph_output() and not out.uses()
+
+
+def first_float_compute(model: ir.Model) -> str | None:
+    """Describe the first node computing a float tensor (other than final dequantizes), or None."""
+    stage = get_stage(model)
+    for node in model.graph:
+        if _is_output_dequantize(node):
+            continue
+        for out in node.outputs:
+            if out.dtype in _FLOAT_TYPES:
+                if stage != "integer":
+                    return (
+                        f"the model is at the {stage} stage ({node_label(node)} computes in float): "
+                        "integer targets need calibrated integer activations; pass --calib DATA "
+                        "(presets w8a8/w4a8)"
+                    )
+                return f"{node_label(node)} computes the float tensor '{out.name}'"
+    return None

@@ -1,0 +1,143 @@
+"""The reference interpreter: runs a model at any stage in numpy.
+
+Standard ONNX ops run with ``onnx.reference`` (the ONNX project's own executable
+specification); a few kernels are replaced where that implementation is wrong or
+where qcompiler compiles for inference (see :data:`KERNELS`), and the ops of the
+``qcompiler`` domain (integer requantize, softmax, ...) are defined here by their
+kernels. Every target is checked bit-exactly against this interpreter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from .errors import InputError
+
+#: (domain, op_type) -> OpRun class; overrides ``onnx.reference`` for that op.
+KERNELS: dict[tuple[str, str], type[OpRun]] = {}
+
+
+def register_kernel(cls: type[OpRun]) -> type[OpRun]:
+    """Class decorator: make ``cls`` the reference kernel of its op.
+
+    The op type is the class name; the domain is ``cls.op_domain`` (default
+    domain if unset). Plugins use this to give their custom ops semantics.
+    """
+    domain = getattr(cls, "op_domain", "")
+    KERNELS[(domain, cls.__name__)] = cls
+    return cls
+
+
+@register_kernel
+class GatherElements(OpRun):
+    """``onnx.reference``'s GatherElements fails for rank > 1 indices; use take_along_axis."""
+
+    def _run(self, data, indices, axis=None):
+        axis = 0 if axis is None else int(axis)
+        indices = np.where(indices < 0, indices + data.shape[axis], indices)
+        return (np.take_along_axis(data, indices, axis=axis),)
+
+
+@register_kernel
+class Dropout(OpRun):
+    """qcompiler compiles for inference: Dropout is the identity whatever ``training_mode`` says."""
+
+    def _run(self, x, *_, seed=None):
+        if len(self.onnx_node.output) > 1:
+            return x, np.ones(x.shape, dtype=bool)
+        return (x,)
+
+
+def _to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return ir.to_proto(model)
+
+
+class ReferenceInterpreter:
+    """Executes a model with numpy.
+
+    >>> outputs = ReferenceInterpreter(model).run({"x": x})
+    """
+
+    def __init__(self, model: ir.Model | onnx.ModelProto):
+        # Import for the side effect of registering qcompiler-domain kernels.
+        from . import intops  # noqa: F401
+
+        proto = _to_proto(model)
+        self._graph = proto.graph
+        initializers = {init.name for init in proto.graph.initializer}
+        self.inputs = {
+            vi.name: vi for vi in proto.graph.input if vi.name not in initializers
+        }
+        self.output_names = [vi.name for vi in proto.graph.output]
+        self._evaluator = ReferenceEvaluator(proto, new_ops=list(KERNELS.values()))
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the model; returns ``{name: array}`` for ``outputs`` (default: graph outputs).
+
+        ``outputs`` may name any intermediate value.
+        """
+        feeds = self._check_feeds(feeds)
+        names = list(outputs) if outputs is not None else self.output_names
+        if set(names) <= set(self.output_names):
+            results = self._evaluator.run(names, feeds)
+            return dict(zip(names, results))
+        everything = self._evaluator.run(None, feeds, intermediate=True)
+        missing = [n for n in names if n not in everything]
+        if missing:
+            raise KeyError(f"no value named {missing[0]!r} in the model")
+        return {n: everything[n] for n in names}
+
+    def run_all(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every value the model computes (inputs, initializers and node outputs)."""
+        return dict(self._evaluator.run(None, self._check_feeds(feeds), intermediate=True))
+
+    def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return check_feeds(self.inputs.values(), feeds)
+
+
+def check_feeds(
+    inputs: Iterable[onnx.ValueInfoProto], feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Validate ``feeds`` against the graph inputs; raise :class:`InputError` naming the problem."""
+    inputs = list(inputs)
+    expected = {vi.name for vi in inputs}
+    unknown = sorted(set(feeds) - expected)
+    if unknown:
+        raise InputError(f"unknown input {unknown[0]!r}; the model's inputs are {sorted(expected)}")
+    checked = {}
+    for vi in inputs:
+        if vi.name not in feeds:
+            raise InputError(f"missing input {vi.name!r}")
+        array = np.asarray(feeds[vi.name])
+        tensor_type = vi.type.tensor_type
+        want_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if array.dtype != want_dtype:
+            raise InputError(
+                f"input {vi.name!r} has dtype {array.dtype}, the model expects {np.dtype(want_dtype)}"
+            )
+        if tensor_type.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+            if len(dims) != array.ndim or any(
+                d is not None and d != s for d, s in zip(dims, array.shape)
+            ):
+                shown = "x".join("?" if d is None else str(d) for d in dims)
+                raise InputError(
+                    f"input {vi.name!r} has shape {'x'.join(map(str, array.shape)) or 'scalar'}, "
+                    f"the model expects {shown or 'scalar'}"
+                )
+        checked[vi.name] = array
+    return checked

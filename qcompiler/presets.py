@@ -1,0 +1,45 @@
+"""Named pipelines (``--preset``). Each is plain pipeline text that ``--pipeline`` accepts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import PipelineError
+from .pipeline import _suggest
+
+_CLEANUP = "fold-constants,remove-identity,fold-batchnorm,eliminate-dead-code"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    spec: str
+    summary: str
+    needs_calibration: bool
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("float", _CLEANUP, "no quantization: cleanup only", False),
+        Preset(
+            "weights-int8",
+            f"{_CLEANUP},quantize-weights{{format=int8:per-channel}}",
+            "data-free weight-only int8 (per-channel, symmetric), float activations; "
+            "the default without --calib",
+            False,
+        ),
+    )
+}
+
+#: Used when neither --preset nor --pipeline is given and there is no calibration data.
+DATA_FREE_DEFAULT = "weights-int8"
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise PipelineError(
+            f"unknown preset '{name}'{_suggest(name, PRESETS)} (presets: {', '.join(PRESETS)})"
+        ) from None

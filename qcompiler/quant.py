@@ -1,0 +1,196 @@
+"""Quantization arithmetic shared by every pass and target.
+
+Affine quantization (as ONNX ``QuantizeLinear``/``DequantizeLinear`` define it)::
+
+    q = clamp(round_half_even(x / s) + z, qmin, qmax)        x̂ = (q − z) · s
+
+Symmetric means ``z = 0`` and a signed type with the restricted range
+``[−(2^(b−1) − 1), 2^(b−1) − 1]`` (so negation never overflows);
+asymmetric uses the full range of an unsigned type for activations and of a signed
+type for weights. Granularity: per-tensor, per-channel (one ``s, z`` per index
+of ``axis``) or per-group (blocks of ``group_size`` along ``axis``, ONNX's
+``block_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+Granularity = Literal["per-tensor", "per-channel", "per-group"]
+
+_NUMPY_TYPES = {
+    (4, True): np.dtype(ml_dtypes.int4),
+    (4, False): np.dtype(ml_dtypes.uint4),
+    (8, True): np.dtype(np.int8),
+    (8, False): np.dtype(np.uint8),
+    (16, True): np.dtype(np.int16),
+    (16, False): np.dtype(np.uint16),
+}
+
+
+def storage_dtype(bits: int, signed: bool) -> np.dtype:
+    try:
+        return _NUMPY_TYPES[(bits, signed)]
+    except KeyError:
+        raise ValueError(f"unsupported bit width {bits} (supported: 4, 8, 16)") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class QFormat:
+    """How one tensor is quantized: ``int8:per-channel``, ``uint8:per-tensor:asym``, ``int4:per-group:32``."""
+
+    bits: int = 8
+    signed: bool = True
+    granularity: Granularity = "per-tensor"
+    symmetric: bool = True
+    group_size: int = 32
+
+    def __post_init__(self):
+        storage_dtype(self.bits, self.signed)
+        if self.granularity not in ("per-tensor", "per-channel", "per-group"):
+            raise ValueError(f"unknown granularity {self.granularity!r}")
+        if self.group_size < 1:
+            raise ValueError("group size must be positive")
+
+    @property
+    def dtype(self) -> np.dtype:
+        return storage_dtype(self.bits, self.signed)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        """(qmin, qmax); symmetric formats use the restricted signed range."""
+        if self.signed:
+            hi = 2 ** (self.bits - 1) - 1
+            return (-hi if self.symmetric else -hi - 1), hi
+        return 0, 2**self.bits - 1
+
+    def __str__(self) -> str:
+        text = f"{'int' if self.signed else 'uint'}{self.bits}:{self.granularity}"
+        if self.granularity == "per-group":
+            text += f":{self.group_size}"
+        if not self.symmetric:
+            text += ":asym"
+        return text
+
+    _PATTERN = re.compile(r"^(u?int)(4|8|16)(?::(per-tensor|per-channel|per-group))?(?::(\d+))?(?::(sym|asym))?$")
+
+    @classmethod
+    def parse(cls, text: str) -> QFormat:
+        match = cls._PATTERN.match(text.strip())
+        if not match:
+            raise ValueError(
+                f"bad quantization format {text!r}; expected e.g. int8:per-channel, "
+                "uint8:per-tensor:asym, int4:per-group:32"
+            )
+        kind, bits, granularity, group, sym = match.groups()
+        signed = kind == "int"
+        symmetric = sym != "asym" if sym else signed
+        return cls(
+            bits=int(bits),
+            signed=signed,
+            granularity=granularity or "per-tensor",
+            symmetric=symmetric,
+            group_size=int(group) if group else 32,
+        )
+
+
+def qparams(lo: np.ndarray, hi: np.ndarray, fmt: QFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point mapping ``[lo, hi]`` (arrays, one per channel/group) onto ``fmt``.
+
+    The range is first widened to include 0 so that 0 is exactly representable.
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    qmin, qmax = fmt.qrange
+    tiny = np.finfo(np.float32).tiny
+    if fmt.symmetric:
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        half = qmax if fmt.signed else (qmax - qmin) // 2  # uint8 symmetric: z = 128, q in [1, 255]
+        scale = np.maximum(amax / half, tiny)
+        zero = np.full_like(scale, 0 if fmt.signed else (qmax + 1) // 2)
+    else:
+        scale = np.maximum((hi - lo) / (qmax - qmin), tiny)
+        zero = np.clip(np.round(qmin - lo / scale), qmin, qmax)
+    return scale.astype(np.float32), zero.astype(fmt.dtype)
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, fmt: QFormat) -> np.ndarray:
+    """``clamp(round_half_even(x / s) + z)`` as ONNX QuantizeLinear computes it (float32 division)."""
+    qmin, qmax = fmt.qrange
+    q = np.rint(np.asarray(x, np.float32) / np.asarray(scale, np.float32)) + np.asarray(zero).astype(np.float32)
+    return np.clip(q, qmin, qmax).astype(fmt.dtype)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    return ((q.astype(np.int32) - np.asarray(zero).astype(np.int32)).astype(np.float32) * np.asarray(scale, np.float32))
+
+
+@dataclasses.dataclass
+class QuantizedTensor:
+    """Integer data with the scale/zero point to feed ``DequantizeLinear``."""
+
+    data: np.ndarray
+    scale: np.ndarray  # scalar, 1-D (per-channel) or blocked (per-group)
+    zero_point: np.ndarray
+    axis: int | None = None
+    block_size: int | None = None
+
+    def dequantize(self) -> np.ndarray:
+        scale, zero = self.scale, self.zero_point
+        if self.block_size:
+            scale = np.repeat(scale, self.block_size, axis=self.axis)
+            zero = np.repeat(zero, self.block_size, axis=self.axis)
+            index = [slice(None)] * self.data.ndim
+            index[self.axis] = slice(0, self.data.shape[self.axis])
+            scale, zero = scale[tuple(index)], zero[tuple(index)]
+        elif self.axis is not None and scale.ndim == 1:
+            shape = [1] * self.data.ndim
+            shape[self.axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        return dequantize(self.data, scale, zero)
+
+
+def quantize_weight(w: np.ndarray, fmt: QFormat, channel_axis: int, reduce_axis: int) -> QuantizedTensor:
+    """Quantize a constant weight.
+
+    ``channel_axis`` indexes output channels (per-channel scales); ``reduce_axis`` is
+    the accumulation axis along which per-group blocks run.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    channel_axis %= w.ndim
+    reduce_axis %= w.ndim
+    if fmt.granularity == "per-tensor" or w.ndim == 0:
+        scale, zero = qparams(w.min(initial=0.0), w.max(initial=0.0), fmt)
+        return QuantizedTensor(quantize(w, scale, zero, fmt), scale, zero)
+    if fmt.granularity == "per-channel":
+        others = tuple(i for i in range(w.ndim) if i != channel_axis)
+        scale, zero = qparams(w.min(axis=others), w.max(axis=others), fmt)
+        shape = [1] * w.ndim
+        shape[channel_axis] = -1
+        q = quantize(w, scale.reshape(shape), zero.reshape(shape), fmt)
+        return QuantizedTensor(q, scale, zero, axis=channel_axis)
+    size = fmt.group_size
+    length = w.shape[reduce_axis]
+    groups = -(-length // size)
+    pad = groups * size - length
+    padded = np.pad(w, [(0, pad if i == reduce_axis else 0) for i in range(w.ndim)])
+    shape = list(padded.shape)
+    shape[reduce_axis : reduce_axis + 1] = [groups, size]
+    blocks = padded.reshape(shape)
+    lo = blocks.min(axis=reduce_axis + 1)
+    hi = blocks.max(axis=reduce_axis + 1)
+    scale, zero = qparams(lo, hi, fmt)
+    q = quantize(blocks, np.expand_dims(scale, reduce_axis + 1), np.expand_dims(zero, reduce_axis + 1), fmt)
+    q = q.reshape(padded.shape)
+    q = np.take(q, np.arange(length), axis=reduce_axis)
+    return QuantizedTensor(q, scale, zero, axis=reduce_axis, block_size=size)
+
+
+def onnx_dtype(dtype: np.dtype) -> ir.DataType:
+    return ir.DataType.from_numpy(np.dtype(dtype))
