@@ -137,12 +137,16 @@ class CalibrationData:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise CalibrationDataError(f"{path}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise CalibrationDataError(f"{path}: not a readable .npz file ({exc})") from None
     except ValueError as exc:
+        if "pickle" in str(exc):
+            raise CalibrationDataError(f"{path}: holds pickled (object) arrays, which are never loaded") from None
         raise CalibrationDataError(f"{path}: {exc}") from None
 
 

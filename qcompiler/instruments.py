@@ -110,11 +110,13 @@ class NumericCheck(Instrument):
         self._baseline: list[dict[str, np.ndarray]] | None = None
         self._previous: list[dict[str, np.ndarray]] | None = None
 
-    def _outputs(self, model, ctx: PassContext) -> list[dict[str, np.ndarray]]:
+    def _outputs(self, model, ctx: PassContext) -> list[list[np.ndarray]]:
+        """Float outputs (in graph-output order) for each sample input."""
         from .interpreter import ReferenceInterpreter
 
         interpreter = ReferenceInterpreter(model)
-        return [interpreter.run(feeds) for feeds in ctx.sample_inputs(model, self.samples)]
+        runs = [interpreter.run(feeds) for feeds in ctx.sample_inputs(model, self.samples)]
+        return [[out for out in r.values() if np.asarray(out).dtype.kind == "f"] for r in runs]
 
     def before_pipeline(self, pipeline, model, ctx) -> None:
         self._baseline = self._previous = self._outputs(model, ctx)
@@ -127,11 +129,9 @@ class NumericCheck(Instrument):
         entry: dict = {"pass": str(p)}
         if p.preserves_numerics:
             error = max(
-                max_relative_error(prev[name], cur[name])
-                for prev, cur in zip(self._previous, current)
-                for name in cur
-                if np.asarray(cur[name]).dtype.kind == "f"
-            ) if current and current[0] else 0.0
+                (max_relative_error(a, b) for prev, cur in zip(self._previous, current) for a, b in zip(prev, cur)),
+                default=0.0,
+            )
             entry["max_relative_error"] = error
             if self.strict and error > self.tolerance:
                 raise NumericCheckFailed(
@@ -139,11 +139,9 @@ class NumericCheck(Instrument):
                     f"(relative; tolerance {self.tolerance:g})"
                 )
         entry["sqnr_db"] = min(
-            sqnr_db(base[name], cur[name])
-            for base, cur in zip(self._baseline, current)
-            for name in cur
-            if np.asarray(cur[name]).dtype.kind == "f"
-        ) if current and current[0] else float("inf")
+            (sqnr_db(a, b) for base, cur in zip(self._baseline, current) for a, b in zip(base, cur)),
+            default=float("inf"),
+        )
         ctx.report["numeric_check"].append(entry)
         ctx.log(f"numeric check after {p}: " + ", ".join(f"{k}={v:.4g}" for k, v in entry.items() if k != "pass"))
         self._previous = current

@@ -16,6 +16,7 @@ import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_25
 
 from .errors import InputError
 
@@ -52,6 +53,12 @@ class Dropout(OpRun):
         if len(self.onnx_node.output) > 1:
             return x, np.ones(x.shape, dtype=bool)
         return (x,)
+
+
+@register_kernel
+class DequantizeLinear(DequantizeLinear_25):
+    """``onnx.reference`` lacks DequantizeLinear before opset 19; the newest version is a
+    superset of the older ones (per-tensor, per-axis; plus blocks and int4/int16)."""
 
 
 def _to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:

@@ -164,8 +164,6 @@ def _normalise_opsets(proto: onnx.ModelProto) -> onnx.ModelProto:
             f"opset {version} is newer than the newest this qcompiler supports ({MAX_OPSET})"
         )
     if version < MIN_OPSET:
-        if version < 7:
-            raise UnsupportedOpError(f"opset {version} is too old (qcompiler supports 7 and newer)")
         try:
             proto = onnx.version_converter.convert_version(proto, MIN_OPSET)
         except Exception as exc:  # the converter raises bare RuntimeErrors

@@ -59,7 +59,9 @@ class PatternRewriter:
         last_rule = None
         for sweep in range(1, self.max_sweeps + 1):
             fired = 0
-            for node in graph:
+            for node in list(graph):  # new nodes wait for the next sweep
+                if node.graph is not graph:
+                    continue  # removed by an earlier rewrite of this sweep
                 for rule in self.rules:
                     delta = rule.try_rewrite(model, graph, node)
                     if delta is None or not self._commit(graph, node, delta, rule):

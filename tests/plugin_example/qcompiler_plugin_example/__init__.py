@@ -1,0 +1,1 @@
+"""An example qcompiler plugin: one pass, registered through the entry point."""

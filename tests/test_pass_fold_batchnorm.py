@@ -1,0 +1,96 @@
+"""fold-batchnorm: BN after Conv/Gemm/ConvTranspose disappears; outputs unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from builders import cnn_bn, init, make_model, rng, run, tensor, to_ir
+from qcompiler.passmanager import PassContext, run_pipeline
+from qcompiler.pipeline import Pipeline
+
+
+def apply(model, spec="fold-batchnorm"):
+    return run_pipeline(Pipeline.parse(spec), model, PassContext())
+
+
+def rel_error(a, b):
+    return np.abs(a - b).max() / np.abs(a).max()
+
+
+def test_folds_conv_batchnorm_pairs():
+    model = to_ir(cnn_bn())
+    x = rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    before = run(model, {"x": x})["y"]
+    apply(model)
+    ops = [n.op_type for n in model.graph]
+    assert "BatchNormalization" not in ops
+    assert ops.count("Conv") == 2
+    assert rel_error(before, run(model, {"x": x})["y"]) < 1e-5
+
+
+def _gemm_bn(trans_b: int, alpha: float, beta: float):
+    r = rng(2)
+    w = r.standard_normal((6, 4) if trans_b else (4, 6)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "c"], ["g"], transB=trans_b, alpha=alpha, beta=beta),
+        helper.make_node("BatchNormalization", ["g", "s", "b", "m", "v"], ["y"]),
+    ]
+    inits = [
+        init("w", w), init("c", r.standard_normal(6).astype(np.float32)),
+        init("s", r.uniform(0.5, 2, 6).astype(np.float32)), init("b", r.standard_normal(6).astype(np.float32)),
+        init("m", r.standard_normal(6).astype(np.float32)), init("v", r.uniform(0.5, 2, 6).astype(np.float32)),
+    ]
+    return to_ir(make_model(nodes, [tensor("x", [3, 4])], [tensor("y", [3, 6])], inits))
+
+
+def test_folds_into_gemm_with_alpha_beta_and_transb():
+    for trans_b in (0, 1):
+        model = _gemm_bn(trans_b, alpha=0.7, beta=1.3)
+        x = rng(3).standard_normal((3, 4)).astype(np.float32)
+        before = run(model, {"x": x})["y"]
+        apply(model)
+        assert [n.op_type for n in model.graph] == ["Gemm"]
+        assert rel_error(before, run(model, {"x": x})["y"]) < 1e-5
+
+
+def test_conv_transpose():
+    r = rng(4)
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2]),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]),
+    ]
+    inits = [
+        init("w", r.standard_normal((3, 5, 2, 2)).astype(np.float32)),
+        init("s", r.uniform(0.5, 2, 5).astype(np.float32)), init("b", r.standard_normal(5).astype(np.float32)),
+        init("m", r.standard_normal(5).astype(np.float32)), init("v", r.uniform(0.5, 2, 5).astype(np.float32)),
+    ]
+    model = to_ir(make_model(nodes, [tensor("x", [1, 3, 4, 4])], [tensor("y", [1, 5, 8, 8])], inits))
+    x = r.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    before = run(model, {"x": x})["y"]
+    apply(model)
+    assert [n.op_type for n in model.graph] == ["ConvTranspose"]
+    assert rel_error(before, run(model, {"x": x})["y"]) < 1e-5
+
+
+def test_does_not_fire_when_conv_output_is_shared_or_weights_not_constant():
+    r = rng(5)
+    # Conv output also read by another node: folding would change that reader.
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]),
+        helper.make_node("Relu", ["c"], ["z"]),
+    ]
+    inits = [
+        init("w", r.standard_normal((2, 2, 1, 1)).astype(np.float32)),
+        init("s", np.ones(2, np.float32)), init("b", np.zeros(2, np.float32)),
+        init("m", np.zeros(2, np.float32)), init("v", np.ones(2, np.float32)),
+    ]
+    model = to_ir(make_model(nodes, [tensor("x", [1, 2, 3, 3])], [tensor("y", [1, 2, 3, 3]), tensor("z", [1, 2, 3, 3])], inits))
+    apply(model)
+    assert [n.op_type for n in model.graph].count("BatchNormalization") == 1
+    # Weight is a graph input, not a constant.
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
+    model = to_ir(make_model(nodes, [tensor("x", [1, 2, 3, 3]), tensor("w", [2, 2, 1, 1])], [tensor("y", [1, 2, 3, 3])], inits[1:]))
+    apply(model)
+    assert [n.op_type for n in model.graph].count("BatchNormalization") == 1
