@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -28,13 +28,16 @@ _VERSIONED = ("qcompiler", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "nump
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out_dir: str | os.PathLike, *, force: bool = False, protect: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``out_dir``; rename it into place on success.
 
     On any exception the temporary folder is removed and ``out_dir`` is untouched.
-    An existing non-empty ``out_dir`` is refused unless ``force``.
+    An existing non-empty ``out_dir`` is refused unless ``force`` (see
+    :func:`check_output_dir` for what ``force`` still refuses, and ``protect``).
     """
-    out_dir = check_output_dir(out_dir, force=force)
+    out_dir = check_output_dir(out_dir, force=force, protect=protect)
     parent = out_dir.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -44,25 +47,57 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, force: bool = False) -> Ite
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-            out_dir.rename(trash / "old")
-            tmp.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        try:
+            if out_dir.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
+                try:
+                    out_dir.rename(trash / "old")
+                    try:
+                        tmp.rename(out_dir)
+                    except OSError:
+                        (trash / "old").rename(out_dir)  # put the previous folder back
+                        raise
+                finally:
+                    shutil.rmtree(trash, ignore_errors=True)
+            else:
+                tmp.rename(out_dir)
+        except OSError as exc:  # e.g. created by someone else meanwhile
+            raise OutputDirError(f"cannot move the result into {out_dir}: {exc.strerror}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def check_output_dir(out_dir: str | os.PathLike, *, force: bool = False) -> Path:
-    """Refuse an output path that is a file, a non-empty folder (unless ``force``), or unwritable."""
+def check_output_dir(
+    out_dir: str | os.PathLike, *, force: bool = False, protect: Iterable[str | os.PathLike] = ()
+) -> Path:
+    """Refuse an output path that is a file, a non-empty folder (unless ``force``), or unwritable.
+
+    Even with ``force``, a folder is never replaced if it is (or holds) the current
+    folder or one of the ``protect`` paths (the input model, the calibration data).
+    """
     out_dir = Path(out_dir)
+    if str(out_dir) == "":
+        raise OutputDirError("the output folder name is empty")
+    try:
+        return _check_output_dir(out_dir, force, protect)
+    except OSError as exc:  # a name too long, a loop of symlinks, no permission to look
+        raise OutputDirError(f"cannot use the output folder {out_dir}: {exc.strerror or exc}") from None
+
+
+def _check_output_dir(out_dir: Path, force: bool, protect: Iterable[str | os.PathLike]) -> Path:
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise OutputDirError(f"output path {out_dir} exists and is not a folder (a dangling symlink)")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputDirError(f"output path {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+    try:
+        non_empty = out_dir.is_dir() and any(out_dir.iterdir())
+    except OSError as exc:
+        raise OutputDirError(f"cannot read the output folder {out_dir}: {exc.strerror}") from None
+    if non_empty and not force:
         raise OutputDirError(f"output folder {out_dir} exists and is not empty (use --force to replace it)")
+    if non_empty:
+        _refuse_replacing_inputs(out_dir, protect)
     parent = out_dir.absolute().parent
     existing = parent
     while not existing.exists():
@@ -72,6 +107,20 @@ def check_output_dir(out_dir: str | os.PathLike, *, force: bool = False) -> Path
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputDirError(f"cannot write the output folder {out_dir}: {existing} is not writable")
     return out_dir
+
+
+def _refuse_replacing_inputs(out_dir: Path, protect: Iterable[str | os.PathLike]) -> None:
+    folders = {Path(os.path.abspath(out_dir)), out_dir.resolve()}
+    for what, path in [("the current folder", Path.cwd())] + [("the input", Path(p)) for p in protect]:
+        try:  # lexically or through symlinks
+            places = {Path(os.path.abspath(path)), Path(path).resolve()}
+        except (OSError, RuntimeError, ValueError):
+            places = {Path(os.path.abspath(path))}
+        if any(place.is_relative_to(folder) for place in places for folder in folders):
+            shown = "" if what == "the current folder" else f" {path}"
+            raise OutputDirError(
+                f"output folder {out_dir} holds {what}{shown}; --force will not replace it"
+            )
 
 
 def file_digest(path: Path) -> str:

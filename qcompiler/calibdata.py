@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,16 +54,21 @@ class CalibrationData:
     def from_path(cls, path: str | os.PathLike) -> CalibrationData:
         """A ``.npz`` file, or a folder of ``.npz`` files."""
         path = Path(path)
-        if not path.exists():
-            raise CalibrationDataError(f"calibration data {path}: no such file or folder")
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
-            if not files:
-                raise CalibrationDataError(f"calibration folder {path} holds no .npz files")
-        else:
-            if path.suffix != ".npz":
-                raise CalibrationDataError(f"calibration data {path}: expected a .npz file or a folder of them")
-            files = [path]
+        try:
+            if not path.exists():
+                raise CalibrationDataError(f"calibration data {path}: no such file or folder")
+            if path.is_dir():
+                files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+                if not files:
+                    raise CalibrationDataError(f"calibration folder {path} holds no .npz files")
+            else:
+                if path.suffix != ".npz":
+                    raise CalibrationDataError(f"calibration data {path}: expected a .npz file or a folder of them")
+                if not path.is_file():  # a FIFO or a device would block or never end
+                    raise CalibrationDataError(f"calibration data {path}: not a regular file")
+                files = [path]
+        except OSError as exc:
+            raise CalibrationDataError(f"calibration data {path}: cannot read: {exc.strerror or exc}") from None
         return cls(files=files)
 
     # -- validation ---------------------------------------------------------------
@@ -91,18 +97,9 @@ class CalibrationData:
         counts = set()
         for name, spec in specs.items():
             array = chunk[name]
-            if array.dtype == object:
-                raise CalibrationDataError(f"{where}: array '{name}' holds Python objects")
-            if array.ndim != len(spec.shape) + 1 or tuple(array.shape[1:]) != spec.shape:
-                want = "x".join(map(str, ("N",) + spec.shape))
-                raise CalibrationDataError(
-                    f"{where}: array '{name}' has shape {'x'.join(map(str, array.shape))}, "
-                    f"expected {want} (a leading sample axis, then the input shape)"
-                )
-            if array.dtype != spec.dtype:
-                raise CalibrationDataError(
-                    f"{where}: array '{name}' has dtype {array.dtype}, the model input is {spec.dtype}"
-                )
+            if not isinstance(array, np.ndarray):
+                raise CalibrationDataError(f"{where}: '{name}' is not an array")
+            _check_layout(where, name, array.shape, array.dtype, spec)
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise CalibrationDataError(f"{where}: array '{name}' holds NaN or infinite values")
             counts.add(array.shape[0])
@@ -118,7 +115,7 @@ class CalibrationData:
                 yield f"calibration arrays #{index}", dict(chunk)
             return
         for path in self._files or []:
-            yield str(path), _read_npz(path)
+            yield str(path), _read_npz(path, self._specs)
 
     def __len__(self) -> int:
         if self._count is None:
@@ -136,18 +133,81 @@ class CalibrationData:
         return next(iter(self))
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    if not zipfile.is_zipfile(path):
-        raise CalibrationDataError(f"{path}: not a readable .npz file (not a zip archive)")
+def _check_layout(where: str, name: str, shape: tuple[int, ...], dtype: np.dtype, spec: InputSpec) -> None:
+    """Shape ``(N, *spec.shape)`` and the input's dtype, or an error naming the array."""
+    if dtype.hasobject:
+        raise CalibrationDataError(f"{where}: array '{name}' holds Python objects")
+    if len(shape) != len(spec.shape) + 1 or tuple(shape[1:]) != spec.shape:
+        want = "x".join(map(str, ("N",) + spec.shape))
+        raise CalibrationDataError(
+            f"{where}: array '{name}' has shape {'x'.join(map(str, shape)) or 'scalar'}, "
+            f"expected {want} (a leading sample axis, then the input shape)"
+        )
+    if dtype != spec.dtype:
+        raise CalibrationDataError(
+            f"{where}: array '{name}' has dtype {dtype}, the model input is {spec.dtype}"
+        )
+
+
+def _read_npz(path: Path, specs: Iterable[InputSpec] | None = None) -> dict[str, np.ndarray]:
+    """Read one .npz file; every member's header is checked before any array is allocated."""
     try:
+        if not zipfile.is_zipfile(path):
+            raise CalibrationDataError(f"{path}: not a readable .npz file (not a zip archive)")
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                _check_member(path, archive, info, {s.name: s for s in specs or ()})
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CalibrationDataError(f"{path}: not a readable .npz file ({exc})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
+        # RuntimeError: an encrypted member; zlib.error: damaged compressed data
+        raise CalibrationDataError(f"{path}: not a readable .npz file ({_one_line(exc)})") from None
     except ValueError as exc:
         if "pickle" in str(exc):
             raise CalibrationDataError(f"{path}: holds pickled (object) arrays, which are never loaded") from None
-        raise CalibrationDataError(f"{path}: {exc}") from None
+        raise CalibrationDataError(f"{path}: {_one_line(exc)}") from None
+
+
+def _check_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, specs: dict[str, InputSpec]) -> None:
+    if not info.filename.endswith(".npy") or info.is_dir():
+        raise CalibrationDataError(f"{path}: member '{info.filename}' is not a .npy array")
+    name = info.filename[: -len(".npy")]
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise CalibrationDataError(
+                    f"{path}: array '{name}' uses .npy format {version[0]}.{version[1]}; save it with numpy.savez"
+                )
+            header = member.tell()
+        except (ValueError, TypeError, SyntaxError) as exc:
+            raise CalibrationDataError(f"{path}: array '{name}' has a damaged .npy header ({_one_line(exc)})") from None
+    if dtype.hasobject:
+        raise CalibrationDataError(f"{path}: holds pickled (object) arrays, which are never loaded")
+    if specs and name not in specs:
+        raise CalibrationDataError(
+            f"{path}: array '{name}' is not a model input; inputs are {sorted(specs)}"
+        )
+    if name in specs:
+        _check_layout(str(path), name, tuple(shape), dtype, specs[name])
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > info.file_size:
+            break
+    if count * dtype.itemsize > info.file_size - header:
+        raise CalibrationDataError(
+            f"{path}: array '{name}' has shape {'x'.join(map(str, shape))} but holds only "
+            f"{max(info.file_size - header, 0)} bytes of data"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def input_specs(model) -> list[InputSpec]:

@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import PassFailure, QCompilerError, ShapeError, UserError
+from .errors import PassFailure, QCompilerError, ShapeError, UnsafeModelError, UserError
 
 PROG = "qcompile"
 
@@ -65,10 +65,24 @@ def parse_input_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for item in items:
         name, sep, dims = item.rpartition("=")
-        if not sep or not name or not re.fullmatch(r"\d+([x,]\d+)*", dims.strip()):
-            raise ShapeError(f"--input-shape {item!r}: expected NAME=DIMS such as input_ids=1x128")
-        shapes[name] = tuple(int(d) for d in re.split(r"[x,]", dims.strip()))
+        dims = dims.strip()
+        shown = _shorten(item)
+        if not sep or not name or not re.fullmatch(r"[-+]?\d+([x,][-+]?\d+)*", dims):
+            raise ShapeError(f"--input-shape {shown!r}: expected NAME=DIMS such as input_ids=1x128")
+        parts = re.split(r"[x,]", dims)
+        if any(part.startswith("-") for part in parts):
+            raise ShapeError(f"--input-shape {shown!r}: dimensions must be positive integers")
+        for part in parts:
+            if len(part.lstrip("+0")) > 18:  # beyond int64 long before int() would refuse it
+                raise ShapeError(f"--input-shape {shown!r}: dimension {_shorten(part, 24)} is too large")
+        if name in shapes:
+            raise ShapeError(f"--input-shape gives {name!r} twice")
+        shapes[name] = tuple(int(d) for d in parts)
     return shapes
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _list_passes(out) -> None:
@@ -122,19 +136,19 @@ def _compile(args, out) -> int:
     from .artifact import check_output_dir
     from .calibdata import CalibrationData
     from .compiler import compile_model
-    from .onnx_import import load_onnx
+    from .onnx_import import PICKLE_REFUSAL, PICKLE_SUFFIXES, load_onnx
     from .pipeline import Pipeline, parse_one
     from .presets import DATA_FREE_DEFAULT, get_preset
     from .target import default_targets
 
     model_path = Path(args.model)
-    if model_path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
-        raise UserError(
-            f"{model_path}: PyTorch/pickle files are not loaded (unsafe); export to ONNX, "
-            "or use qcompiler.from_torch() in Python"
-        )
+    if model_path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeModelError(f"{model_path}: {PICKLE_REFUSAL}")
+    input_shapes = parse_input_shapes(args.input_shape)
     target = parse_one(args.target, default_targets())
-    check_output_dir(args.out_dir, force=args.force)  # refuse before any expensive work
+    # refuse before any expensive work; --force never replaces a folder holding an input
+    protect = [model_path] + ([Path(args.calib)] if args.calib else [])
+    check_output_dir(args.out_dir, force=args.force, protect=protect)
     if args.pipeline:
         pipeline = Pipeline.parse(args.pipeline)
         preset = None
@@ -146,7 +160,7 @@ def _compile(args, out) -> int:
         if not args.preset:
             print(f"{PROG}: note: no --preset given: using '{preset.name}' ({preset.summary})", file=out)
     calibration = CalibrationData.from_path(args.calib) if args.calib else None
-    model = load_onnx(args.model, input_shapes=parse_input_shapes(args.input_shape))
+    model = load_onnx(args.model, input_shapes=input_shapes)
 
     instruments = [inst.Reproducer(args.reproducer_dir)]
     timing = inst.Timing() if args.time_passes else None
@@ -207,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         if debug:
             raise
-        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        print(f"{PROG}: internal error: out of memory (re-run with --debug and file a bug)", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug: one line, and how to get the details
         if debug:
@@ -221,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split()) or "no details"
+    """Whitespace runs become one space; other control characters (a NUL in a name) are escaped."""
+    text = " ".join(text.split()) or "no details"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,10 @@ check that understands it best: file → protobuf → model → opsets → graph
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import onnx.version_converter
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from . import protobuf_diag
 from .errors import (
@@ -72,17 +76,18 @@ def import_proto(
     _check_is_model(proto, source)
     proto = _normalise_opsets(proto)
     if proto.functions:
-        proto = onnx.inliner.inline_local_functions(proto)
+        proto = _inline_functions(proto)
     _check_structure(proto.graph)
     _check_supported_ops(proto.graph)
     _check_initializers(proto.graph)
     _check_nodes(proto)
-    _check_model(proto)
     if input_shapes:
         _pin_input_shapes(proto.graph, input_shapes)
     _check_input_shapes(proto.graph, require_static)
+    _check_model(proto)
     proto = _infer_shapes(proto)
     _check_value_sizes(proto.graph)
+    _check_data_dependent_sizes(proto.graph)
     model = ir.from_proto(proto)
     model.graph.sort()
     return model
@@ -92,11 +97,16 @@ def import_proto(
 
 
 def _read_model_proto(path: Path) -> onnx.ModelProto:
-    if not path.exists():
-        raise ModelFormatError(f"{path}: no such file")
-    if path.is_dir():
-        raise ModelFormatError(f"{path}: is a folder, not an ONNX file")
-    size = path.stat().st_size
+    try:
+        if not path.exists():
+            raise ModelFormatError(f"{path}: no such file")
+        if path.is_dir():
+            raise ModelFormatError(f"{path}: is a folder, not an ONNX file")
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise ModelFormatError(f"{path}: is not a regular file")
+        size = path.stat().st_size
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     if size == 0:
         raise ModelFormatError(f"{path}: file is empty")
     if size > MAX_PROTO_BYTES:
@@ -104,20 +114,45 @@ def _read_model_proto(path: Path) -> onnx.ModelProto:
             f"{path}: {size} bytes is more than one protobuf can hold; "
             "store the weights as external data"
         )
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeModelError(f"{path}: {PICKLE_REFUSAL}")
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ModelFormatError(f"{path}: cannot read: {exc.strerror}") from None
+    _refuse_pickles(path, data)
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        where = protobuf_diag.diagnose(data) or str(exc)
-        raise ModelFormatError(f"{path}: not a valid ONNX protobuf ({where})") from None
+        where = protobuf_diag.diagnose(data) or _first_line(str(exc))
+        # every ONNX writer puts ir_version first
+        hint = "" if data.startswith(b"\x08") else "; the file does not start like an ONNX model"
+        raise ModelFormatError(f"{path}: not a valid ONNX protobuf ({where}){hint}") from None
+    if not proto.HasField("graph"):
+        return proto  # _check_is_model says it is not a model, which is the real problem
     damage = protobuf_diag.diagnose(data)
     if damage:  # parsed leniently, but the wire data is still broken
         raise ModelFormatError(f"{path}: damaged ONNX protobuf ({damage})")
     return proto
+
+
+#: Suffixes of PyTorch checkpoints and pickles, refused without being opened.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+PICKLE_REFUSAL = (
+    "PyTorch/pickle files are not loaded (unsafe); export to ONNX, "
+    "or use qcompiler.from_torch() in Python"
+)
+
+
+def _refuse_pickles(path: Path, data: bytes) -> None:
+    """Refuse PyTorch checkpoints and pickles whatever their name (never unpickled)."""
+    if data[:4] == b"PK\x03\x04":
+        raise UnsafeModelError(
+            f"{path}: is a zip archive (a PyTorch checkpoint?), not ONNX; {PICKLE_REFUSAL}"
+        )
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        raise UnsafeModelError(f"{path}: is a Python pickle, not ONNX; {PICKLE_REFUSAL}")
 
 
 def _check_is_model(proto: onnx.ModelProto, source: str) -> None:
@@ -174,6 +209,24 @@ def _normalise_opsets(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    seen = set()
+    for function in proto.functions:
+        key = (function.domain, function.name, function.overload)
+        if key in seen:
+            raise ModelFormatError(f"local function '{function.domain}::{function.name}' is defined twice")
+        seen.add(key)
+    try:
+        return onnx.inliner.inline_local_functions(proto)
+    except (onnx.checker.ValidationError, RuntimeError, ValueError) as exc:  # C++ assertions
+        why = _CPP_ASSERTION.sub("", _first_line(str(exc)))
+        raise ModelFormatError(f"cannot inline the model's local functions: {why}") from None
+
+
+#: "/path/file.cc:224: Function: Assertion `...` failed: " in front of ONNX's C++ messages.
+_CPP_ASSERTION = re.compile(r"^\S+\.(cc|cpp|h):\d+: .*? failed: ")
+
+
 # -- graph structure ----------------------------------------------------------------------
 
 
@@ -181,7 +234,14 @@ def _check_structure(graph: onnx.GraphProto) -> None:
     """Unique value names, every input produced, no cycles; sorts nodes if needed."""
     producer: dict[str, str] = {}
     for vi in graph.input:
+        if vi.name in producer:
+            raise ModelFormatError(f"graph input '{vi.name}' is declared twice")
         producer[vi.name] = f"graph input '{vi.name}'"
+    outputs: set[str] = set()
+    for vi in graph.output:
+        if vi.name in outputs:
+            raise ModelFormatError(f"graph output '{vi.name}' is declared twice")
+        outputs.add(vi.name)
     for init in graph.initializer:
         if init.name in producer and not any(vi.name == init.name for vi in graph.input):
             raise ModelFormatError(f"initializer '{init.name}' is defined twice")
@@ -278,29 +338,48 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                     yield from _all_tensors(sub)
 
 
+#: The keys ONNX defines for external data (anything else is damage, not a hint to ignore).
+_EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+
+
 def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
     """Check every external-data reference stays inside ``base_dir``, then load it."""
     base = base_dir.resolve()
     external = [t for t in _all_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in external:
-        info = {entry.key: entry.value for entry in tensor.external_data}
+        info: dict[str, str] = {}
+        for entry in tensor.external_data:
+            if entry.key not in _EXTERNAL_KEYS:
+                raise ModelFormatError(
+                    f"tensor '{tensor.name}': unknown external data key {entry.key!r} "
+                    f"(known: {', '.join(sorted(_EXTERNAL_KEYS))})"
+                )
+            if entry.key in info:
+                raise ModelFormatError(f"tensor '{tensor.name}': external data key '{entry.key}' is given twice")
+            info[entry.key] = entry.value
         location = info.get("location", "")
         what = f"tensor '{tensor.name}': external data location '{location}'"
         if not location:
             raise ModelFormatError(f"tensor '{tensor.name}': external data without a location")
         if os.path.isabs(location) or Path(location).drive:
             raise UnsafeModelError(f"{what} is an absolute path; only paths inside the model's folder are allowed")
-        target = (base / location).resolve()
-        if not target.is_relative_to(base):
-            raise UnsafeModelError(f"{what} resolves outside the model's folder")
-        if not target.is_file():
-            raise ModelFormatError(f"{what}: file not found")
+        if "\x00" in location:
+            raise UnsafeModelError(f"{what} holds a NUL byte")
+        try:
+            target = (base / location).resolve()
+            if not target.is_relative_to(base):
+                raise UnsafeModelError(f"{what} resolves outside the model's folder")
+            if not target.is_file():
+                raise ModelFormatError(f"{what}: file not found")
+            file_size = target.stat().st_size
+        except (OSError, RuntimeError) as exc:  # too long, symlink loop, no permission
+            reason = getattr(exc, "strerror", None) or _first_line(str(exc))
+            raise ModelFormatError(f"{what}: cannot be read ({reason})") from None
         try:
             offset = int(info.get("offset", 0))
             length = int(info["length"]) if "length" in info else None
         except ValueError:
             raise ModelFormatError(f"{what}: offset/length are not integers") from None
-        file_size = target.stat().st_size
         expected = _expected_nbytes(tensor)
         if length is None:
             length = file_size - offset
@@ -318,17 +397,44 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
         onnx.external_data_helper.load_external_data_for_model(proto, str(base))
 
 
-def _numel(dims: Sequence[int], name: str) -> int:
+def _numel(dims: Sequence[int], name: str, what: str | None = None) -> int:
+    """The element count of ``dims``, refusing negative or absurd shapes (nothing allocated)."""
+    label = what or f"tensor '{name}'"
     if any(d < 0 for d in dims):
-        raise ShapeError(f"tensor '{name}' has a negative dimension: {list(dims)}")
-    count = math.prod(dims)
+        raise ShapeError(f"{label} has a negative dimension: {_dims_text(dims)}")
+    if 0 in dims:
+        return 0
+    count = 1
+    for d in dims:
+        count *= d
+        if count > 1 << 128:  # keep the arithmetic small for hostile ranks and sizes
+            break
     if count > MAX_ELEMENTS:
-        raise ShapeError(f"tensor '{name}' has {count} elements (shape {list(dims)}), more than 2^31")
+        amount = f"{count} elements" if count <= 1 << 128 else "more than 2^128 elements"
+        raise ShapeError(f"{label} has {amount} (shape {_dims_text(dims)}), more than 2^31")
     return count
+
+
+def _dims_text(dims: Sequence[int]) -> str:
+    dims = list(dims)
+    return str(dims) if len(dims) <= 8 else f"[{', '.join(map(str, dims[:8]))}, ... ({len(dims)} dims)]"
+
+
+def _check_data_type(tensor: onnx.TensorProto) -> None:
+    if tensor.data_type == onnx.TensorProto.UNDEFINED:
+        raise ModelFormatError(f"tensor '{tensor.name}' has no data type")
+    if tensor.data_type not in _KNOWN_TYPES:
+        raise ModelFormatError(f"tensor '{tensor.name}' has an unknown data type ({tensor.data_type})")
+
+
+_KNOWN_TYPES = frozenset(
+    value for value in onnx.TensorProto.DataType.values() if value != onnx.TensorProto.UNDEFINED
+)
 
 
 def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
     count = _numel(tensor.dims, tensor.name)
+    _check_data_type(tensor)
     if tensor.data_type == onnx.TensorProto.STRING:
         return None
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
@@ -347,8 +453,7 @@ _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "doubl
 
 def _check_tensor_data(tensor: onnx.TensorProto) -> None:
     count = _numel(tensor.dims, tensor.name)
-    if tensor.data_type == onnx.TensorProto.UNDEFINED:
-        raise ModelFormatError(f"tensor '{tensor.name}' has no data type")
+    _check_data_type(tensor)
     if tensor.HasField("raw_data"):
         expected = _expected_nbytes(tensor)
         if expected is not None and len(tensor.raw_data) != expected:
@@ -376,6 +481,8 @@ _WEIGHT_INPUTS = {
     "InstanceNormalization": (1, 2), "GroupNormalization": (1, 2),
     "RMSNormalization": (1,), "Gather": (0,), "PRelu": (1,),
 }
+#: Constant inputs of arithmetic ops: NaN there is garbage, infinity may be a mask.
+_NAN_FREE_INPUTS = {"Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (0, 1)}
 _FLOAT_TYPES = (
     onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
     onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
@@ -392,18 +499,20 @@ def _check_initializers(graph: onnx.GraphProto) -> None:
             if value is not None:
                 constants[node.output[0]] = (value, f"constant {_label(node, index)}")
     for index, node in enumerate(graph.node):
-        for slot in _WEIGHT_INPUTS.get(node.op_type, ()):
+        weights = _WEIGHT_INPUTS.get(node.op_type, ())
+        for slot in weights + _NAN_FREE_INPUTS.get(node.op_type, ()):
             if slot >= len(node.input) or node.input[slot] not in constants:
                 continue
             tensor, what = constants[node.input[slot]]
             if tensor.data_type not in _FLOAT_TYPES:
                 continue
-            array = numpy_helper.to_array(tensor).astype(np.float32)
+            array = numpy_helper.to_array(tensor)
             nans = int(np.isnan(array).sum())
-            infs = int(np.isinf(array).sum())
+            infs = int(np.isinf(array).sum()) if slot in weights else 0
             if nans or infs:
+                role = "a weight" if slot in weights else "an input"
                 raise NumericsError(
-                    f"{what}, a weight of {_label(node, index)}, holds {nans} NaN and {infs} "
+                    f"{what}, {role} of {_label(node, index)}, holds {nans} NaN and {infs} "
                     "infinite values; fix the weights before compiling"
                 )
 
@@ -446,6 +555,8 @@ def _pin_input_shapes(graph: onnx.GraphProto, input_shapes: InputShapes) -> None
     for name, dims in input_shapes.items():
         if name not in inputs:
             raise ShapeError(f"--input-shape names '{name}', which is not a model input; inputs are {sorted(inputs)}")
+        if not inputs[name].type.HasField("tensor_type"):
+            raise UnsupportedOpError(f"input '{name}' is not a tensor; only tensor inputs are supported")
         tensor_type = inputs[name].type.tensor_type
         current = tensor_type.shape.dim
         if tensor_type.HasField("shape") and len(current) != len(dims):
@@ -453,6 +564,8 @@ def _pin_input_shapes(graph: onnx.GraphProto, input_shapes: InputShapes) -> None
                 f"input '{name}' has rank {len(current)}, --input-shape gives {len(dims)} dimensions"
             )
         for axis, dim in enumerate(dims):
+            if not isinstance(dim, numbers.Integral) or isinstance(dim, bool):
+                raise ShapeError(f"input '{name}': dimension {axis} must be an integer, got {dim!r}")
             if dim <= 0:
                 raise ShapeError(f"input '{name}': dimension {axis} must be positive, got {dim}")
         for axis, dim in enumerate(current):
@@ -461,10 +574,10 @@ def _pin_input_shapes(graph: onnx.GraphProto, input_shapes: InputShapes) -> None
                     f"input '{name}' has static dimension {axis} = {dim.dim_value}, "
                     f"--input-shape asks for {dims[axis]}"
                 )
+        _numel(list(dims), name, f"input '{name}'")
         tensor_type.shape.ClearField("dim")
         for dim in dims:
             tensor_type.shape.dim.add().dim_value = int(dim)
-        _numel(list(dims), name)
 
 
 def _check_input_shapes(graph: onnx.GraphProto, require_static: bool) -> None:
@@ -489,7 +602,7 @@ def _check_input_shapes(graph: onnx.GraphProto, require_static: bool) -> None:
                     f"input '{vi.name}' has dynamic dimension {axis} ({label}); pin it with "
                     f"--input-shape {vi.name}={example}"
                 )
-        _numel(dims, vi.name)
+        _numel(dims, vi.name, f"input '{vi.name}'")
 
 
 def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -497,17 +610,164 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as exc:
-        raise ShapeError(f"shape inference failed: {_first_line(str(exc))}") from None
+        raise ShapeError(_inference_message(str(exc))) from None
     except ValueError as exc:
         raise ModelFormatError(f"invalid model: {_first_line(str(exc))}") from None
 
 
+_INFERENCE_WHERE = re.compile(r"\(op_type:([^,()]*), node name: ([^()]*)\):\s*")
+_INFERENCE_TAG = re.compile(r"\[\w*InferenceError\]\s*|Inference error\(s\):\s*")
+
+
+def _inference_message(text: str) -> str:
+    """ONNX's inference errors, reworded as ``node 'n' (Op): shape inference failed: why``."""
+    line = _first_line(text)
+    match = _INFERENCE_WHERE.search(line)
+    if match:
+        op, name = match.group(1).strip(), match.group(2).strip()
+        why = _INFERENCE_TAG.sub("", line[match.end():]).strip()
+        return f"node '{name or '<unnamed>'}' ({op}): shape inference failed: {why or 'no details'}"
+    return f"shape inference failed: {_INFERENCE_TAG.sub('', line).strip()}"
+
+
 def _check_value_sizes(graph: onnx.GraphProto) -> None:
+    """Refuse any value that shape inference says would be absurdly large (nothing is allocated)."""
+    made_by = {out: _label(node, i) for i, node in enumerate(graph.node) for out in node.output if out}
     for vi in list(graph.value_info) + list(graph.output):
         if not vi.type.HasField("tensor_type"):
             continue
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
-        _numel(dims, vi.name)
+        producer = made_by.get(vi.name)
+        _numel(dims, vi.name, f"value '{vi.name}' (output of {producer})" if producer else None)
+
+
+#: Ops whose output size comes from the *values* of some inputs (indices): shape
+#: inference leaves the size unknown when those values are computed, and constant
+#: folding would then allocate whatever they ask for.
+_SIZE_FROM_VALUES = {
+    "Range": (0, 1, 2), "ConstantOfShape": (0,), "Expand": (1,), "Tile": (1,),
+    "Resize": (2, 3), "Pad": (1,),
+}
+#: Cheap ops whose output is no bigger than their (small) inputs' broadcast: evaluated
+#: on small constants to find the values above.
+_EVALUATED = frozenset(
+    "Abs Add And Cast CastLike Ceil Clip Concat Constant Div Equal Flatten Floor Gather "
+    "Greater Identity Less Max Min Mod Mul Neg Not Or ReduceMax ReduceMin ReduceProd "
+    "ReduceSum Reshape Round Sign Slice Squeeze Sub Sum Unsqueeze Where".split()
+)
+#: Constants with more elements than this are not evaluated (sizes are tiny vectors).
+_SMALL = 256
+
+
+def _check_data_dependent_sizes(graph: onnx.GraphProto) -> None:
+    """Refuse Range/ConstantOfShape/Expand/Tile/Resize/Pad nodes whose constant inputs ask for
+    more than MAX_ELEMENTS elements, even where shape inference could not say (bounded work)."""
+    static: dict[str, list[int]] = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else ()
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape") and all(
+            d.HasField("dim_value") for d in dims
+        ):
+            static[vi.name] = [d.dim_value for d in dims]
+    values: dict[str, np.ndarray] = {}
+    for tensor in graph.initializer:
+        static[tensor.name] = list(tensor.dims)
+        if _numel(tensor.dims, tensor.name) <= _SMALL and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            try:
+                values[tensor.name] = numpy_helper.to_array(tensor)
+            except Exception:  # noqa: BLE001 - best effort: an unreadable value is unknown
+                pass
+    for index, node in enumerate(graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        known = [values.get(name) if name else None for name in node.input]
+        if node.op_type in _SIZE_FROM_VALUES and node.output:
+            if node.output[0] in static:  # inference sized it; _check_value_sizes checked it
+                count = _numel(static[node.output[0]], node.output[0])
+            else:
+                count = _requested_elements(node, known, [static.get(name) for name in node.input])
+            if count is not None and count > MAX_ELEMENTS:
+                raise ShapeError(
+                    f"{_label(node, index)} would produce {count} elements (more than 2^31) "
+                    "from the values of its constant inputs"
+                )
+            if count is None or count > _SMALL:
+                continue
+        elif node.op_type == "Shape" and node.input and node.input[0] in static:
+            dims = np.array(static[node.input[0]], dtype=np.int64)
+            attrs = {a.name: a.i for a in node.attribute}
+            values[node.output[0]] = dims[attrs.get("start", 0) : attrs.get("end", len(dims))]
+            continue
+        elif node.op_type not in _EVALUATED:
+            continue
+        if any(v is None for v, name in zip(known, node.input) if name) or any(
+            v.size > _SMALL for v in known if v is not None
+        ):
+            continue
+        try:
+            feeds = {name: v for name, v in zip(node.input, known) if name}
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                outputs = ReferenceEvaluator(node).run(None, feeds)
+        except Exception:  # noqa: BLE001 - best effort: what cannot be evaluated stays unknown
+            continue
+        for name, value in zip(node.output, outputs):
+            if name and isinstance(value, np.ndarray) and value.size <= _SMALL:
+                values[name] = value
+
+
+def _requested_elements(node: onnx.NodeProto, known: list, shapes: list) -> int | None:
+    """How many elements ``node`` would produce, from its constant inputs (or None: unknown)."""
+
+    def ints(slot: int) -> list[int] | None:
+        value = known[slot] if slot < len(known) else None
+        if value is None or value.dtype.kind not in "iuf" or not np.isfinite(value).all():
+            return None
+        return [int(v) for v in value.reshape(-1)]
+
+    def product(dims) -> int:
+        total = 1
+        for d in dims:
+            total *= max(int(d), 0)
+            if total > 1 << 128:
+                break
+        return total
+
+    op = node.op_type
+    if op == "Range":
+        scalars = [known[i] if i < len(known) else None for i in range(3)]
+        if any(v is None or v.size != 1 or v.dtype.kind not in "iuf" for v in scalars):
+            return None
+        start, limit, delta = (v.reshape(-1)[0].item() for v in scalars)
+        if delta == 0 or not all(np.isfinite([start, limit, delta])):
+            return None
+        if all(isinstance(v, int) for v in (start, limit, delta)):
+            return max(-(-(limit - start) // delta), 0)
+        return max(math.ceil((limit - start) / delta), 0)
+    if op in ("ConstantOfShape", "Expand", "Tile"):
+        dims = ints(0 if op == "ConstantOfShape" else 1)
+        if dims is None:
+            return None
+        if op == "Tile" and shapes and shapes[0] is not None and len(shapes[0]) == len(dims):
+            return product(a * b for a, b in zip(shapes[0], dims))
+        return product(dims)  # Expand and Tile produce at least this many
+    if op == "Pad":
+        pads = ints(1)
+        if pads is None or not shapes or shapes[0] is None or len(pads) != 2 * len(shapes[0]):
+            return None
+        rank = len(shapes[0])
+        return product(d + pads[i] + pads[i + rank] for i, d in enumerate(shapes[0]))
+    if op == "Resize":
+        sizes = ints(3)
+        if sizes is not None:
+            return product(sizes)
+        scales = known[2] if len(known) > 2 else None
+        if scales is None or not shapes or shapes[0] is None or scales.size != len(shapes[0]):
+            return None
+        if not np.isfinite(scales).all():
+            return None
+        return product(int(d * float(f)) for d, f in zip(shapes[0], scales.reshape(-1)))
+    return None
 
 
 # -- messages ------------------------------------------------------------------------------
