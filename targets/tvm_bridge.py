@@ -1,0 +1,790 @@
+"""The TVM bridge: lower a qcompiler IR model to Relax, compile it, load what was built.
+
+This is the only module that imports ``tvm`` (lazily: ``import qcompiler`` stays fast).
+
+* :func:`lower` walks the graph in order and emits one Relax binding per op with a
+  ``BlockBuilder``. The ``qcompiler`` integer ops and the standard ops whose integer
+  semantics matter (``MatMulInteger``, ``ConvInteger``, ``QuantizeLinear``,
+  ``DequantizeLinear``, ``Cast``) are lowered here, calling the ``*_constants``
+  functions of :mod:`qcompiler.intops` so every constant agrees with the reference.
+  Other standard ops go through the converters of TVM's Relax ONNX frontend.
+* :func:`compile` runs ``tvm.compile`` (with dlight GPU schedules when asked) and
+  :func:`export` writes the shared library.
+* :class:`VMModule` loads a library into the Relax VM and runs it on numpy arrays.
+
+``main`` takes the graph inputs in order and always returns a tuple of the outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import intops
+from qcompiler.errors import TargetError
+from qcompiler.graph import const_array, node_label, static_shape
+from qcompiler.opset import QC_DOMAIN
+
+#: Ops whose constant inputs are kept as they are (not folded at compile time).
+_NO_FOLD = frozenset({
+    "DequantizeLinear", "MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger", "ConvTranspose",
+})
+_PASS_THROUGH = frozenset({"Identity", "Dropout"})
+
+
+def _tvm():
+    import tvm
+    from tvm import relax
+
+    return tvm, relax
+
+
+def relax_dtype(dtype: ir.DataType) -> str:
+    """The Relax dtype holding an IR type (int4/uint4 are held unpacked in 8 bits)."""
+    if dtype == ir.DataType.INT4:
+        return "int8"
+    if dtype == ir.DataType.UINT4:
+        return "uint8"
+    if dtype == ir.DataType.BOOL:
+        return "bool"
+    return str(dtype.numpy())
+
+
+def host_array(array: np.ndarray) -> np.ndarray:
+    """A numpy array TVM can hold (int4/uint4 widened to 8 bits)."""
+    array = np.asarray(array)
+    name = array.dtype.name
+    if name == "int4":
+        return array.astype(np.int8)
+    if name == "uint4":
+        return array.astype(np.uint8)
+    return array
+
+
+# -- lowering ---------------------------------------------------------------------------
+
+
+def lower(model: ir.Model):
+    """Relax ``IRModule`` with one function ``main(*inputs) -> (outputs...)``."""
+    return _Lowerer(model).run()
+
+
+class _Lowerer:
+    def __init__(self, model: ir.Model):
+        _, self.relax = _tvm()
+        self.R = self.relax.op
+        self.model = model
+        self.graph = model.graph
+        self.opset = self.graph.opset_imports.get("", 17)
+        self.bb = self.relax.BlockBuilder()
+        self.env: dict[str, Any] = {}  # value name -> Relax expr
+        self.consts: dict[str, np.ndarray] = {}  # value name -> compile-time array
+
+    # ---- driver ----
+
+    def run(self):
+        relax = self.relax
+        params = []
+        for value in self.graph.inputs:
+            if value.const_value is not None:
+                continue
+            shape = static_shape(value)
+            if shape is None:
+                raise TargetError(f"graph input '{value.name}' needs a static shape (pass --input-shape)")
+            var = relax.Var(_sanitize(value.name, len(params)), relax.TensorType(shape, relax_dtype(value.dtype)))
+            self.env[value.name] = var
+            params.append(var)
+        for value in self.graph.initializers.values():
+            self._set_const(value.name, value.const_value.numpy())
+        with self.bb.function("main", params):
+            with self.bb.dataflow():
+                for node in self.graph:
+                    self._lower_node(node)
+                outs = []
+                for value in self.graph.outputs:
+                    if value.name in self.env:
+                        outs.append(self.env[value.name])
+                    elif value.name in self.consts:
+                        outs.append(self._const(self.consts[value.name]))
+                    else:  # pragma: no cover - a malformed graph
+                        raise TargetError(f"graph output '{value.name}' is never computed")
+                result = self.bb.emit_output(relax.Tuple(outs))
+            self.bb.emit_func_output(result)
+        return self.bb.get()
+
+    def _lower_node(self, node: ir.Node) -> None:
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        try:
+            if domain == "" and node.op_type == "Constant":
+                self._set_const(node.outputs[0].name, _constant_node_value(node))
+                return
+            if domain == "" and node.op_type in _PASS_THROUGH:
+                self._alias(node.outputs[0], node.inputs[0])
+                if len(node.outputs) > 1 and node.outputs[1].uses():
+                    raise TargetError(f"{node_label(node)}: the mask output is not supported")
+                return
+            if domain == "" and node.op_type == "Shape":
+                self._lower_shape(node)
+                return
+            if domain == "" and node.op_type not in _NO_FOLD and self._all_const(node):
+                self._fold(node)
+                return
+            handler = _HANDLERS.get((domain, node.op_type))
+            if handler is not None:
+                outs = handler(self, node)
+            elif domain == "":
+                outs = self._frontend(node)
+            else:
+                raise TargetError(f"{node_label(node)}: op not supported by the TVM targets")
+        except TargetError:
+            raise
+        except Exception as exc:  # a converter or Relax's type inference refused
+            message = str(exc).strip().splitlines()
+            detail = message[-1] if message else type(exc).__name__
+            raise TargetError(f"{node_label(node)}: cannot lower to TVM: {detail[:300]}") from exc
+        if not isinstance(outs, (list, tuple)):
+            outs = [outs]
+        for value, expr in zip(node.outputs, outs):
+            if value.name:
+                self.env[value.name] = expr
+
+    # ---- values and constants ----
+
+    def _set_const(self, name: str, array: np.ndarray) -> None:
+        self.consts[name] = host_array(array)
+
+    def _alias(self, dst: ir.Value, src: ir.Value) -> None:
+        if src.name in self.consts:
+            self.consts[dst.name] = self.consts[src.name]
+        else:
+            self.env[dst.name] = self.env[src.name]
+
+    def _all_const(self, node: ir.Node) -> bool:
+        ins = [v for v in node.inputs if v is not None]
+        return bool(ins) and all(v.name in self.consts for v in ins)
+
+    def const(self, value: ir.Value | None) -> np.ndarray | None:
+        if value is None:
+            return None
+        if value.name in self.consts:
+            return self.consts[value.name]
+        array = const_array(value)
+        return None if array is None else host_array(array)
+
+    def need_const(self, node: ir.Node, index: int, what: str) -> np.ndarray:
+        array = self.const(node.inputs[index] if index < len(node.inputs) else None)
+        if array is None:
+            raise TargetError(f"{node_label(node)}: {what} must be a compile-time constant")
+        return array
+
+    def expr(self, value: ir.Value):
+        if value.name in self.env:
+            return self.env[value.name]
+        if value.name in self.consts:
+            return self._const(self.consts[value.name])
+        raise TargetError(f"value '{value.name}' is used before it is computed")
+
+    def _const(self, array: np.ndarray):
+        array = host_array(array)
+        return self.relax.const(array, str(array.dtype))
+
+    def c64(self, value) -> Any:
+        return self.relax.const(np.asarray(value, np.int64), "int64")
+
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    def emit_te(self, func, *args):
+        return self.bb.emit_te(func, *args)
+
+    @staticmethod
+    def dtype(expr) -> str:
+        return str(expr.ty.dtype)
+
+    @staticmethod
+    def shape(expr) -> tuple[int, ...]:
+        return tuple(int(d) for d in expr.ty.shape)
+
+    def i64(self, expr):
+        return expr if self.dtype(expr) == "int64" else self.emit(self.R.astype(expr, "int64"))
+
+    # ---- integer building blocks (mirror qcompiler.intops) ----
+
+    def sub_zp(self, x, zp: np.ndarray | None):
+        """``int64(x) - zp``, skipping a zero zero point."""
+        x = self.i64(x)
+        if zp is None or not np.any(zp):
+            return x
+        return self.emit(self.R.subtract(x, self.c64(zp)))
+
+    def rshift_round(self, v, k):
+        """``floor((v + 2^(k-1)) / 2^k)`` for int64 ``v``; ``k`` scalar or broadcastable array."""
+        k = np.asarray(k, np.int64)
+        if not np.any(k):
+            return v
+        half = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k - 1, 0)), 0).astype(np.int64)
+        return self.emit(self.R.right_shift(self.emit(self.R.add(v, self.c64(half))), self.c64(k)))
+
+    def clamp_cast(self, v, dtype: str, qmin=None, qmax=None):
+        """Clamp int64 ``v`` to the range of ``dtype`` intersected with [qmin, qmax], then cast."""
+        lo, hi = intops.int_range(np.dtype(dtype))
+        lo = lo if qmin is None else max(lo, int(qmin))
+        hi = hi if qmax is None else min(hi, int(qmax))
+        v = self.emit(self.R.maximum(v, self.c64(lo)))
+        v = self.emit(self.R.minimum(v, self.c64(hi)))
+        return self.emit(self.R.astype(v, dtype))
+
+    def isqrt(self, n):
+        """``floor(sqrt(n))`` for int64 ``0 <= n < 2^62``, as :func:`qcompiler.intops.isqrt`.
+
+        A float64 estimate is within one of the root; two integer corrections make it exact.
+        (A bit-serial loop would be integer-only, but its unrolled chain grows exponentially
+        when GPU schedules inline it.)
+        """
+        R = self.R
+        r = self.emit(R.astype(R.floor(R.sqrt(R.astype(n, "float64"))), "int64"))
+        too_big = self.emit(R.greater(self.emit(R.multiply(r, r)), n))
+        r = self.emit(R.subtract(r, self.emit(R.astype(too_big, "int64"))))
+        up = self.emit(R.add(r, self.c64(1)))
+        fits = self.emit(R.less_equal(self.emit(R.multiply(up, up)), n))
+        return self.emit(R.add(r, self.emit(R.astype(fits, "int64"))))
+
+    # ---- frontend fallback ----
+
+    def _frontend(self, node: ir.Node):
+        from tvm.relax.frontend.onnx import onnx_frontend as fe
+
+        converter = fe._get_convert_map().get(node.op_type)
+        if converter is None:
+            raise TargetError(f"{node_label(node)}: op not supported by the TVM targets")
+        proto = ir.serde.serialize_node(node)
+        attrs = fe.ONNXGraphImporter._parse_attr(None, proto.attribute)
+        attrs["tvm_custom"] = {"name": node.name, "num_outputs": len(node.outputs)}
+        inputs = fe.onnx_input()
+        for value in node.inputs:
+            inputs.append(None if value is None else self.expr(value))
+        result = converter.get_converter(self.opset)(self.bb, inputs, attrs, [dict(self.env), {}])
+        relax = self.relax
+        if isinstance(result, relax.Tuple):
+            return [self.emit(item) for item in result.fields]
+        result = self.emit(result)
+        if isinstance(result.ty, relax.TupleType):
+            return [self.emit(relax.TupleGetItem(result, i)) for i in range(len(result.ty.fields))]
+        return result
+
+    def _lower_shape(self, node: ir.Node) -> None:
+        value = node.inputs[0]
+        shape = static_shape(value)
+        if value.name in self.env:
+            shape = self.shape(self.env[value.name])
+        elif value.name in self.consts:
+            shape = self.consts[value.name].shape
+        if shape is None:
+            raise TargetError(f"{node_label(node)}: needs a static input shape")
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", len(shape))
+        self._set_const(node.outputs[0].name, np.array(shape[start:end] if end else shape[start:], np.int64))
+
+    def _fold(self, node: ir.Node) -> None:
+        """Evaluate a node whose inputs are all constants with the reference interpreter."""
+        import onnx
+
+        from qcompiler.interpreter import ReferenceInterpreter
+
+        proto = ir.serde.serialize_node(node)
+        names = [v.name for v in node.inputs if v is not None]
+        inits = [onnx.numpy_helper.from_array(self.consts[n], n) for n in dict.fromkeys(names)]
+        outs = [onnx.helper.make_empty_tensor_value_info(v.name) for v in node.outputs if v.name]
+        graph = onnx.helper.make_graph([proto], "fold", [], outs, inits)
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.graph.opset_imports.items()]
+        folded = ReferenceInterpreter(onnx.helper.make_model(graph, opset_imports=opsets)).run({})
+        for name, array in folded.items():
+            self._set_const(name, np.asarray(array))
+
+
+def _sanitize(name: str, index: int) -> str:
+    clean = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
+    return clean if clean and (clean[0].isalpha() or clean[0] == "_") else f"input_{index}_{clean}"
+
+
+def _constant_node_value(node: ir.Node) -> np.ndarray:
+    for key, attr in node.attributes.items():
+        if key in ("value", "sparse_value"):
+            return attr.value.numpy()
+        if key in ("value_float", "value_int"):
+            return np.array(attr.value, np.float32 if key == "value_float" else np.int64)
+        if key in ("value_floats", "value_ints"):
+            return np.array(list(attr.value), np.float32 if key == "value_floats" else np.int64)
+    raise TargetError(f"{node_label(node)}: unsupported Constant attribute")
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    value = attr.value
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _out_dtype_of_zp(zp: np.ndarray) -> str:
+    return str(np.asarray(zp).dtype)
+
+
+def _channel(param: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    return np.asarray(intops.channel_view(np.asarray(param).astype(np.int64), ndim, axis))
+
+
+# -- qcompiler-domain ops ----------------------------------------------------------------
+
+
+def _requantize(lo: _Lowerer, node: ir.Node):
+    x = lo.expr(node.inputs[0])
+    m = lo.need_const(node, 1, "multiplier")
+    k = lo.need_const(node, 2, "shift")
+    zp = lo.need_const(node, 3, "zero_point")
+    x_zp = lo.const(node.inputs[4]) if len(node.inputs) > 4 else None
+    if len(node.inputs) > 4 and node.inputs[4] is not None and x_zp is None:
+        raise TargetError(f"{node_label(node)}: x_zero_point must be a compile-time constant")
+    axis = _attr(node, "axis", 1)
+    ndim = len(lo.shape(x))
+    v = lo.sub_zp(x, x_zp)
+    v = lo.emit(lo.R.multiply(v, lo.c64(_channel(m, ndim, axis))))
+    v = lo.rshift_round(v, _channel(k, ndim, axis))
+    if np.any(zp):
+        v = lo.emit(lo.R.add(v, lo.c64(zp)))
+    return lo.clamp_cast(v, _out_dtype_of_zp(zp), _attr(node, "qmin", None), _attr(node, "qmax", None))
+
+
+def _int_add(lo: _Lowerer, node: ir.Node):
+    a = lo.sub_zp(lo.expr(node.inputs[0]), lo.need_const(node, 1, "a_zero_point"))
+    b = lo.sub_zp(lo.expr(node.inputs[2]), lo.need_const(node, 3, "b_zero_point"))
+    y_zp = lo.need_const(node, 4, "y_zero_point")
+    a = lo.emit(lo.R.multiply(a, lo.c64(_attr(node, "a_multiplier", 1))))
+    b = lo.emit(lo.R.multiply(b, lo.c64(_attr(node, "b_multiplier", 1))))
+    v = lo.rshift_round(lo.emit(lo.R.add(a, b)), _attr(node, "shift", 0))
+    v = lo.emit(lo.R.add(v, lo.c64(y_zp)))
+    return lo.clamp_cast(v, _out_dtype_of_zp(y_zp), _attr(node, "qmin", None), _attr(node, "qmax", None))
+
+
+def _int_mul(lo: _Lowerer, node: ir.Node):
+    a = lo.sub_zp(lo.expr(node.inputs[0]), lo.need_const(node, 1, "a_zero_point"))
+    b = lo.sub_zp(lo.expr(node.inputs[2]), lo.need_const(node, 3, "b_zero_point"))
+    y_zp = lo.need_const(node, 4, "y_zero_point")
+    v = lo.rshift_round(lo.emit(lo.R.multiply(a, b)), _attr(node, "pre_shift", 0))
+    v = lo.emit(lo.R.multiply(v, lo.c64(_attr(node, "multiplier", 1))))
+    v = lo.rshift_round(v, _attr(node, "shift", 0))
+    v = lo.emit(lo.R.add(v, lo.c64(y_zp)))
+    return lo.clamp_cast(v, _out_dtype_of_zp(y_zp), _attr(node, "qmin", None), _attr(node, "qmax", None))
+
+
+def _int_lookup(lo: _Lowerer, node: ir.Node):
+    x = lo.expr(node.inputs[0])
+    table = lo.need_const(node, 1, "table")
+    low, _ = intops.int_range(np.dtype(lo.dtype(x)))
+    index = lo.emit(lo.R.subtract(lo.i64(x), lo.c64(low)))
+    return lo.emit(lo.R.take(lo._const(table), index, axis=0, mode="clip"))
+
+
+def _int_matmul(lo: _Lowerer, node: ir.Node):
+    a = lo.expr(node.inputs[0])
+    b = lo.expr(node.inputs[1])
+    za = lo.const(node.inputs[2]) if len(node.inputs) > 2 else None
+    zb = lo.const(node.inputs[3]) if len(node.inputs) > 3 else None
+    for i in (2, 3):
+        if len(node.inputs) > i and node.inputs[i] is not None and lo.const(node.inputs[i]) is None:
+            raise TargetError(f"{node_label(node)}: zero points must be compile-time constants")
+    acc = _attr(node, "acc_type", "int32") if node.op_type == "IntMatMul" else "int32"
+    return _matmul_acc(lo, a, b, za, zb, acc, lo.const(node.inputs[1]))
+
+
+def _matmul_acc(lo: _Lowerer, a, b, za, zb, acc: str, b_const: np.ndarray | None):
+    """``(a − za) @ (b − zb)`` accumulated in ``acc``.
+
+    int32 products are written as dot products over a contiguous reduction axis
+    (``[N, K]`` weights, TVM's ``dense``/``batch_matmul``), the form LLVM vectorises
+    into ``sdot``/``vpdpbusd``. int32 wraps like the exact sum, which fits by contract.
+    """
+    from tvm import topi
+
+    R = lo.R
+    if acc == "int64":
+        return lo.emit(R.matmul(lo.sub_zp(a, za), lo.sub_zp(b, zb), out_dtype="int64"))
+    a_shape, b_shape = lo.shape(a), lo.shape(b)
+    if za is not None and np.size(za) > 1:  # per-row activation zero point: plain widened matmul
+        za = np.asarray(za).reshape(-1, 1)
+        zb = None if zb is None else _column_view(zb, len(b_shape))
+        return lo.emit(R.matmul(_sub_narrow(lo, a, za), _sub_narrow(lo, b, zb), out_dtype="int32"))
+    if b_const is not None and len(b_shape) == 2:
+        w = b_const.astype(np.int64)
+        if zb is not None and np.any(zb):
+            w = w - _column_view(zb, 2).astype(np.int64)
+        w_nk = np.ascontiguousarray(w.T).astype(_narrowest(w))
+        flat = a if len(a_shape) == 2 else lo.emit(R.reshape(a, (math.prod(a_shape[:-1]), a_shape[-1])))
+        y = lo.emit_te(topi.nn.dense, flat, lo._const(w_nk), None, "int32")
+        if za is not None and np.any(za):  # (a − za)·W = a·W − za·colsum(W)
+            colsum = (int(np.asarray(za).reshape(())) * w.sum(axis=0)).astype(np.int32)
+            y = lo.emit(R.subtract(y, lo.relax.const(colsum, "int32")))
+        if len(a_shape) != 2:
+            y = lo.emit(R.reshape(y, (*a_shape[:-1], b_shape[-1])))
+        return y
+    a = _sub_narrow(lo, a, za)
+    b = _sub_narrow(lo, b, None if zb is None else _column_view(zb, len(b_shape)))
+    if len(a_shape) >= 3 and len(b_shape) == len(a_shape) and a_shape[:-2] == b_shape[:-2]:
+        batch = math.prod(a_shape[:-2])
+        a3 = lo.emit(R.reshape(a, (batch, *a_shape[-2:])))
+        b3 = lo.emit(R.permute_dims(lo.emit(R.reshape(b, (batch, *b_shape[-2:]))), [0, 2, 1]))
+        y = lo.emit_te(topi.nn.batch_matmul, a3, b3, None, "int32")
+        return lo.emit(R.reshape(y, (*a_shape[:-1], b_shape[-1])))
+    if len(b_shape) == 2:
+        flat = a if len(a_shape) == 2 else lo.emit(R.reshape(a, (math.prod(a_shape[:-1]), a_shape[-1])))
+        y = lo.emit_te(topi.nn.dense, flat, lo.emit(R.permute_dims(b, [1, 0])), None, "int32")
+        return y if len(a_shape) == 2 else lo.emit(R.reshape(y, (*a_shape[:-1], b_shape[-1])))
+    return lo.emit(R.matmul(a, b, out_dtype="int32"))
+
+
+def _column_view(zp, ndim: int) -> np.ndarray:
+    zp = np.asarray(zp)
+    return zp.reshape((1,) * (ndim - 1) + (-1,)) if zp.size > 1 else zp.reshape(())
+
+
+def _narrowest(array: np.ndarray) -> np.dtype:
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if array.size == 0 or (array.min() >= info.min and array.max() <= info.max):
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def _sub_narrow(lo: _Lowerer, x, zp):
+    """``x − zp`` in the narrowest type that holds it (the input type when zp is 0)."""
+    if zp is None or not np.any(zp):
+        return x
+    dtype = lo.dtype(x)
+    wide = "int16" if np.dtype(dtype).itemsize == 1 else "int32"
+    x = lo.emit(lo.R.astype(x, wide))
+    return lo.emit(lo.R.subtract(x, lo.relax.const(np.asarray(zp).astype(wide), wide)))
+
+
+def _int_softmax(lo: _Lowerer, node: ir.Node):
+    R = lo.R
+    x = lo.i64(lo.expr(node.inputs[0]))
+    y_zp = lo.need_const(node, 2, "y_zero_point")
+    s_in = float(_attr(node, "input_scale", 1.0))
+    s_out = float(_attr(node, "output_scale", 1.0))
+    variant = _attr(node, "variant", "ibert")
+    axis = _attr(node, "axis", -1) % len(lo.shape(x))
+    c = intops.softmax_constants(s_in, s_out)
+    d = lo.emit(R.subtract(x, lo.emit(R.max(x, axis=[axis], keepdims=True))))
+    if variant == "ibert":
+        z = lo.emit(R.minimum(lo.emit(R.floor_divide(lo.emit(R.negative(d)), lo.c64(c.q_ln2))), lo.c64(62)))
+        p = lo.emit(R.add(d, lo.emit(R.multiply(z, lo.c64(c.q_ln2)))))
+        pb = lo.emit(R.add(p, lo.c64(c.q_b)))
+        poly = lo.emit(R.add(lo.emit(R.multiply(pb, pb)), lo.c64(c.q_c)))
+        e = lo.emit(R.right_shift(lo.emit(R.maximum(poly, lo.c64(0))), z))
+    elif variant == "linear":
+        t = lo.rshift_round(lo.emit(R.multiply(d, lo.c64(c.log2e_multiplier))), c.log2e_shift)
+        whole = lo.emit(R.right_shift(t, lo.c64(intops.LINEAR_FRAC_BITS)))
+        frac = lo.emit(R.subtract(t, lo.emit(R.left_shift(whole, lo.c64(intops.LINEAR_FRAC_BITS)))))
+        mantissa = lo.emit(R.add(frac, lo.c64(1 << intops.LINEAR_FRAC_BITS)))
+        e = lo.emit(R.right_shift(mantissa, lo.emit(R.minimum(lo.emit(R.negative(whole)), lo.c64(62)))))
+    elif variant == "lut":
+        if np.dtype(relax_dtype(node.inputs[0].dtype)).itemsize != 1:
+            raise TargetError(f"{node_label(node)}: IntSoftmax variant 'lut' needs 8-bit inputs")
+        table = intops._exp_lut(np.arange(-255, 1, dtype=np.int64), s_in)
+        e = lo.emit(R.take(lo.c64(table), lo.emit(R.add(d, lo.c64(255))), axis=0, mode="clip"))
+    else:
+        raise TargetError(f"{node_label(node)}: unknown IntSoftmax variant {variant!r}")
+    total = lo.emit(R.maximum(lo.emit(R.sum(e, axis=[axis], keepdims=True)), lo.c64(1)))
+    prob = lo.emit(R.floor_divide(lo.emit(R.left_shift(e, lo.c64(intops.SOFTMAX_FRAC_BITS))), total))
+    v = lo.rshift_round(lo.emit(R.multiply(prob, lo.c64(c.out_multiplier))), c.out_shift)
+    v = lo.emit(R.add(v, lo.c64(y_zp)))
+    return lo.clamp_cast(v, _out_dtype_of_zp(y_zp))
+
+
+def _int_gelu(lo: _Lowerer, node: ir.Node):
+    R = lo.R
+    x = lo.expr(node.inputs[0])
+    bits = np.iinfo(np.dtype(lo.dtype(x))).bits
+    x_zp = lo.need_const(node, 1, "x_zero_point")
+    y_zp = lo.need_const(node, 2, "y_zero_point")
+    c = intops.gelu_constants(float(_attr(node, "input_scale", 1.0)), float(_attr(node, "output_scale", 1.0)), bits)
+    q = lo.sub_zp(x, x_zp)
+    clipped = lo.emit(R.minimum(lo.emit(R.abs(q)), lo.c64(-c.q_b)))
+    cb = lo.emit(R.add(clipped, lo.c64(c.q_b)))
+    poly = lo.emit(R.add(lo.emit(R.multiply(cb, cb)), lo.c64(c.q_c)))
+    erf = lo.emit(R.multiply(lo.emit(R.sign(q)), poly))
+    g = lo.emit(R.multiply(q, lo.emit(R.add(erf, lo.c64(c.q_one)))))
+    g = lo.rshift_round(g, c.pre_shift)
+    v = lo.rshift_round(lo.emit(R.multiply(g, lo.c64(c.multiplier))), c.shift)
+    v = lo.emit(R.add(v, lo.c64(y_zp)))
+    return lo.clamp_cast(v, _out_dtype_of_zp(y_zp))
+
+
+def _int_layernorm(lo: _Lowerer, node: ir.Node):
+    R = lo.R
+    x = lo.i64(lo.expr(node.inputs[0]))
+    shape = lo.shape(x)
+    if _attr(node, "axis", -1) not in (-1, len(shape) - 1):
+        raise TargetError(f"{node_label(node)}: IntLayerNorm normalises the last axis only")
+    y_zp = lo.need_const(node, 2, "y_zero_point")
+    mult = lo.need_const(node, 3, "multiplier").astype(np.int64)
+    bias = lo.need_const(node, 4, "bias").astype(np.int64)
+    n = shape[-1]
+    total = lo.emit(R.sum(x, axis=[-1], keepdims=True))
+    mean = lo.emit(R.floor_divide(lo.emit(R.add(lo.emit(R.multiply(total, lo.c64(2))), lo.c64(n))), lo.c64(2 * n)))
+    centred = lo.emit(R.subtract(x, mean))
+    var = lo.emit(R.floor_divide(lo.emit(R.sum(lo.emit(R.multiply(centred, centred)), axis=[-1], keepdims=True)), lo.c64(n)))
+    var = lo.emit(R.add(var, lo.c64(_attr(node, "eps_q", 0))))
+    sigma = lo.emit(R.maximum(lo.isqrt(var), lo.c64(1)))
+    normed = lo.emit(R.floor_divide(lo.emit(R.left_shift(centred, lo.c64(intops.LAYERNORM_FRAC_BITS))), sigma))
+    value = lo.emit(R.add(lo.emit(R.multiply(normed, lo.c64(mult))), lo.c64(bias)))
+    v = lo.rshift_round(value, _attr(node, "shift", 0))
+    v = lo.emit(R.add(v, lo.c64(y_zp)))
+    return lo.clamp_cast(v, _out_dtype_of_zp(y_zp))
+
+
+# -- standard ops with integer semantics ----------------------------------------------------
+
+
+def _conv_integer(lo: _Lowerer, node: ir.Node):
+    R = lo.R
+    x = lo.expr(node.inputs[0])
+    w = lo.expr(node.inputs[1])
+    za = lo.const(node.inputs[2]) if len(node.inputs) > 2 else None
+    zw = lo.const(node.inputs[3]) if len(node.inputs) > 3 else None
+    for i in (2, 3):
+        if len(node.inputs) > i and node.inputs[i] is not None and lo.const(node.inputs[i]) is None:
+            raise TargetError(f"{node_label(node)}: zero points must be compile-time constants")
+    spatial = len(lo.shape(x)) - 2
+    if spatial not in (1, 2):
+        raise TargetError(f"{node_label(node)}: only 1-D and 2-D ConvInteger are supported")
+    if zw is not None and np.ndim(zw) == 1 and zw.size > 1:
+        zw = zw.reshape((-1,) + (1,) * (spatial + 1))
+    x = _sub_narrow(lo, x, za)  # subtract first: padding is the real zero
+    w = _sub_narrow(lo, w, zw)
+    if lo.dtype(x) != lo.dtype(w):
+        common = "int32" if "int32" in (lo.dtype(x), lo.dtype(w)) else "int16"
+        x = lo.emit(R.astype(x, common)) if lo.dtype(x) != common else x
+        w = lo.emit(R.astype(w, common)) if lo.dtype(w) != common else w
+    conv = _conv_attrs(node, lo.shape(x), lo.shape(w))
+    if spatial == 1:
+        return lo.emit(R.nn.conv1d(x, w, out_dtype="int32", **conv))
+    return lo.emit(R.nn.conv2d(x, w, out_dtype="int32", **conv))
+
+
+def _conv_attrs(node: ir.Node, x_shape, w_shape) -> dict:
+    spatial = len(x_shape) - 2
+    kernel = list(_attr(node, "kernel_shape", w_shape[2:]))
+    strides = list(_attr(node, "strides", [1] * spatial))
+    dilations = list(_attr(node, "dilations", [1] * spatial))
+    pads = list(_attr(node, "pads", [0] * (2 * spatial)))
+    auto_pad = _attr(node, "auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * spatial)
+        for i in range(spatial):
+            out = -(-x_shape[2 + i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - x_shape[2 + i])
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + spatial] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * spatial)
+    return {"strides": strides, "padding": pads, "dilation": dilations, "groups": int(_attr(node, "group", 1))}
+
+
+def _quantize_linear(lo: _Lowerer, node: ir.Node):
+    R = lo.R
+    x = lo.expr(node.inputs[0])
+    scale = lo.need_const(node, 1, "y_scale")
+    zp = lo.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    out = relax_dtype(node.outputs[0].dtype)
+    if zp is None:
+        zp = np.zeros((), out)
+    ndim = len(lo.shape(x))
+    axis = _attr(node, "axis", 1)
+    block = _attr(node, "block_size", 0)
+    scale = _per_axis(scale, ndim, axis, block, lo.shape(x))
+    zp = _per_axis(zp, ndim, axis, block, lo.shape(x))
+    ftype = lo.dtype(x)
+    v = lo.emit(R.divide(x, lo.relax.const(scale.astype(ftype), ftype)))
+    v = lo.emit(R.clip(v, -(2.0**30), 2.0**30))
+    whole = lo.emit(R.floor(v))
+    frac = lo.emit(R.subtract(v, whole))
+    iw = lo.emit(R.astype(whole, "int32"))
+    odd = lo.emit(R.equal(lo.emit(R.bitwise_and(iw, lo.relax.const(np.int32(1), "int32"))), lo.relax.const(np.int32(1), "int32")))
+    half = lo.relax.const(np.asarray(0.5, ftype), ftype)
+    up = lo.emit(R.logical_or(lo.emit(R.greater(frac, half)), lo.emit(R.logical_and(lo.emit(R.equal(frac, half)), odd))))
+    r = lo.emit(R.add(iw, lo.emit(R.astype(up, "int32"))))  # round half to even, like np.rint
+    r = lo.emit(R.add(r, lo.relax.const(zp.astype(np.int32), "int32")))
+    return lo.clamp_cast(lo.i64(r), out)
+
+
+def _dequantize_linear(lo: _Lowerer, node: ir.Node):
+    R = lo.R
+    x = lo.expr(node.inputs[0])
+    scale = lo.need_const(node, 1, "x_scale")
+    zp = lo.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    ndim = len(lo.shape(x))
+    axis = _attr(node, "axis", 1)
+    block = _attr(node, "block_size", 0)
+    ftype = str(scale.dtype)
+    out = relax_dtype(node.outputs[0].dtype) if node.outputs[0].dtype is not None else ftype
+    v = lo.emit(R.astype(x, "float32"))
+    if zp is not None and np.any(zp):
+        zp = _per_axis(zp, ndim, axis, block, lo.shape(x)).astype(np.float32)
+        v = lo.emit(R.subtract(v, lo.relax.const(zp, "float32")))
+    scale = _per_axis(scale, ndim, axis, block, lo.shape(x))
+    if ftype != "float32":
+        v = lo.emit(R.astype(v, ftype))
+    v = lo.emit(R.multiply(v, lo.relax.const(scale, ftype)))
+    return v if out == ftype else lo.emit(R.astype(v, out))
+
+
+def _per_axis(param: np.ndarray, ndim: int, axis: int, block: int, shape) -> np.ndarray:
+    """A scale/zero point shaped to broadcast against the input (per-tensor, per-axis or blocked)."""
+    param = np.asarray(param)
+    if param.size == 1 and param.ndim <= 1:
+        return param.reshape(())
+    axis %= ndim
+    if block:
+        return np.repeat(param, block, axis=axis)[tuple(slice(0, s) for s in shape)]
+    view = [1] * ndim
+    view[axis] = param.size
+    return param.reshape(view)
+
+
+def _cast(lo: _Lowerer, node: ir.Node):
+    """``astype``: float → int truncates toward zero like ONNX; int4 targets are held in int8."""
+    x = lo.expr(node.inputs[0])
+    to = relax_dtype(ir.DataType(_attr(node, "to", 1)))
+    return x if to == lo.dtype(x) else lo.emit(lo.R.astype(x, to))
+
+
+_HANDLERS = {
+    (QC_DOMAIN, "Requantize"): _requantize,
+    (QC_DOMAIN, "IntAdd"): _int_add,
+    (QC_DOMAIN, "IntMul"): _int_mul,
+    (QC_DOMAIN, "IntLookup"): _int_lookup,
+    (QC_DOMAIN, "IntMatMul"): _int_matmul,
+    (QC_DOMAIN, "IntSoftmax"): _int_softmax,
+    (QC_DOMAIN, "IntGELU"): _int_gelu,
+    (QC_DOMAIN, "IntLayerNorm"): _int_layernorm,
+    ("", "MatMulInteger"): _int_matmul,
+    ("", "ConvInteger"): _conv_integer,
+    ("", "QuantizeLinear"): _quantize_linear,
+    ("", "DequantizeLinear"): _dequantize_linear,
+    ("", "Cast"): _cast,
+}
+
+#: Op types lowered by this module itself (the rest of the standard ops use TVM's ONNX frontend).
+NATIVE_OPS = frozenset(f"{d}.{op}" if d else op for d, op in _HANDLERS)
+
+
+# -- compiling and loading --------------------------------------------------------------
+
+
+def make_target(spec: Mapping[str, Any]):
+    tvm, _ = _tvm()
+    return tvm.target.Target(dict(spec))
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (e.g. ``sapphirerapids``)."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def host_triple() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_triple())
+
+
+def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disable_assert: bool = False):
+    """``tvm.compile`` a lowered module for ``target`` (a JSON-style target dict)."""
+    tvm, relax = _tvm()
+    tgt = make_target(target)
+    config = {"tirx.disable_assert": True} if disable_assert else {}
+    with tvm.transform.PassContext(opt_level=3, config=config):
+        mod = relax.get_pipeline("zero")(mod)  # legalize and fuse elementwise chains into one kernel each
+        if gpu_schedules:
+            from tvm.s_tir import dlight as dl
+
+            for gvar, func in list(mod.functions.items()):
+                if isinstance(func, tvm.tirx.PrimFunc):  # dlight's int8 tensor-core rule fails to build
+                    mod[gvar] = func.with_attr("dlight.do_not_tensorize", True)
+            with tgt:
+                mod = dl.ApplyDefaultSchedule(
+                    dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
+                )(mod)
+        return tvm.compile(mod, target=tgt)
+
+
+def export(executable, path: Path, *, cc: str | None = None, options: Sequence[str] = ()) -> None:
+    """Write the compiled module as a shared library (optionally with a cross compiler)."""
+    kwargs: dict[str, Any] = {}
+    if cc is not None:
+        kwargs["cc"] = cc
+    if options:
+        kwargs["options"] = list(options)
+    executable.export_library(str(path), **kwargs)
+
+
+def module_kinds(executable) -> list[str]:
+    """Kinds of every runtime module inside a compiled executable (``llvm``, ``cuda``, ...)."""
+    seen: list[str] = []
+    stack = [executable.mod]
+    while stack:
+        mod = stack.pop()
+        seen.append(str(mod.kind))
+        stack.extend(mod.imports)
+    return seen
+
+
+def device_source(executable, kind: str) -> str:
+    """Source of the first imported module of ``kind`` (``cuda`` gives the .cu text, ``c`` C)."""
+    stack = [executable.mod]
+    while stack:
+        mod = stack.pop()
+        if str(mod.kind) == kind:
+            return str(mod.inspect_source())
+        stack.extend(mod.imports)
+    raise TargetError(f"the build holds no '{kind}' module: a schedule is missing, code fell back to the host")
+
+
+def assembly(executable, fmt: str = "s") -> str:
+    """Assembly of the LLVM module inside an executable."""
+    stack = [executable.mod]
+    while stack:
+        mod = stack.pop()
+        if str(mod.kind) == "llvm":
+            return str(mod.inspect_source(fmt))
+        stack.extend(mod.imports)
+    return ""
+
+
+def cuda_available() -> bool:
+    tvm, _ = _tvm()
+    return bool(tvm.cuda(0).exist)
+
+
+class VMModule:
+    """A compiled library loaded into the Relax VM (``device``: ``cpu`` or ``cuda``); call with numpy arrays."""
+
+    def __init__(self, library: Path | str | None = None, *, executable=None, device: str = "cpu"):
+        tvm, relax = _tvm()
+        lib = executable if executable is not None else tvm.runtime.load_module(str(library))
+        self._tvm = tvm
+        self._device = tvm.cuda(0) if device == "cuda" else tvm.cpu()
+        self._vm = relax.VirtualMachine(lib, self._device)
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        tensor = self._tvm.runtime.tensor
+        args = [tensor(np.ascontiguousarray(host_array(a)), self._device) for a in arrays]
+        result = self._vm["main"](*args)
+        return [t.numpy() for t in result]
