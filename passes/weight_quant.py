@@ -67,9 +67,13 @@ def dequantize_node(
 
 
 def quantize_weights(
-    model: ir.Model, ctx, fmt: QFormat, ops: tuple[str, ...], keep_float: tuple[str, ...]
+    model: ir.Model, ctx, fmt: QFormat, ops: tuple[str, ...], keep_float: tuple[str, ...],
+    only: set[str] | None = None,
 ) -> int:
-    """Replace the float weights of ``ops`` nodes by DequantizeLinear of integers; returns count."""
+    """Replace the float weights of ``ops`` nodes by DequantizeLinear of integers; returns count.
+
+    ``keep_float`` are node-name globs to skip; ``only`` restricts to these node names.
+    """
     if fmt.bits != 8 or fmt.granularity == "per-group" or not fmt.signed:
         ensure_opset(model, 21)  # int4/int16/uint weights and block_size need opset 21
     graph = model.graph
@@ -79,6 +83,8 @@ def quantize_weights(
     count = 0
     for node in list(graph):
         if node.op_type not in ops or any(fnmatch.fnmatchcase(node.name or "", p) for p in keep_float):
+            continue
+        if only is not None and node.name not in only:
             continue
         for index, channel_axis, reduce_axis in weight_slots(node):
             weight = node.inputs[index]

@@ -1,0 +1,309 @@
+"""``insert-fake-quant``: standard ONNX QDQ for weights and activations from calibrated ranges.
+
+Weights: ``W → DequantizeLinear(q(W))`` per tensor, channel or group. Activations:
+every float tensor computed from the inputs gets ``QuantizeLinear → DequantizeLinear``
+with a static scale and zero point from the calibration statistics
+(``q = clamp(round(x/s) + z)``, ranges by min-max, percentile, MSE or entropy), except
+inside linear groups (the accumulator is not rounded between the matmul, its bias
+and a fused ReLU). Transparent ops share their input's parameters; bounded ops use
+their known range. Biases become int32 with scale ``s_x·s_w``, as integer hardware
+adds them. With ``wide_below_db``, an 8-bit activation whose estimated SQNR on the
+calibration data is below the threshold gets 16 bits (found from data, not by op type).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_common
+
+from qcompiler.calibration import ActivationStats, activation_values
+from qcompiler.graph import NameFactory, add_initializer, const_array, ensure_opset, node_label
+from qcompiler.histogram import estimate_sqnr_db
+from qcompiler.pipeline import Pass, option
+from qcompiler.qdq import (
+    BOUNDED_RANGES, TRANSPARENT_OPS, input_derived, insert_qdq, is_float, linear_group,
+)
+from qcompiler.quant import QFormat, qparams
+from qcompiler.passes.weight_quant import quantize_weights
+
+#: A tensor whose most negative value exceeds the other operand's range by this factor
+#: is an additive mask: it saturates to qmin instead of setting the range.
+MASK_RATIO = 1e3
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One ``SELECTOR=SPEC`` override: selector is an op type or a node-name glob."""
+
+    selector: str
+    float_: bool = False
+    activations: QFormat | None = None
+    weights: QFormat | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        selector, sep, spec = text.partition("=")
+        if not sep or not selector.strip() or not spec.strip():
+            raise ValueError(f"override {text!r}: expected SELECTOR=SPEC, e.g. Softmax=a:int16 or head*=float")
+        rule = cls(selector.strip())
+        for part in spec.split("+"):
+            part = part.strip()
+            if part == "float":
+                rule = dataclasses.replace(rule, float_=True)
+            elif part.startswith("a:"):
+                rule = dataclasses.replace(rule, activations=QFormat.parse(part[2:]))
+            elif part.startswith("w:"):
+                rule = dataclasses.replace(rule, weights=QFormat.parse(part[2:]))
+            else:
+                raise ValueError(f"override {text!r}: '{part}' is not float, a:FORMAT or w:FORMAT")
+        return rule
+
+    def matches(self, node: ir.Node) -> bool:
+        return self.selector == node.op_type or fnmatch.fnmatchcase(node.name or "", self.selector)
+
+
+def node_config(node: ir.Node | None, rules: list[Rule], default_a: QFormat, default_w: QFormat) -> tuple[bool, QFormat, QFormat]:
+    """``(keep_float, activation format, weight format)`` for a node after the overrides."""
+    keep, fmt_a, fmt_w = False, default_a, default_w
+    if node is None:
+        return keep, fmt_a, fmt_w
+    for rule in rules:
+        if rule.matches(node):
+            keep = keep or rule.float_
+            fmt_a = rule.activations or fmt_a
+            fmt_w = rule.weights or fmt_w
+    return keep, fmt_a, fmt_w
+
+
+@dataclass(frozen=True)
+class InsertFakeQuant(Pass):
+    """Insert QDQ for weights and activations (static ranges from calibration)."""
+
+    name = "insert-fake-quant"
+    stages = ("float",)
+    produces = "fakequant"
+    preserves_numerics = False
+
+    weights: str = option("int8:per-channel", "weight format (int4|int8|int16 : per-tensor|per-channel|per-group[:size])")
+    activations: str = option("int8:per-tensor:asym", "activation format, or 'none' for weight-only")
+    method: Literal["minmax", "percentile", "mse", "entropy"] = option("mse", "activation range method")
+    percentile: float = option(99.99, "percentile for method=percentile")
+    wide_below_db: float = option(0.0, "8-bit activations whose estimated SQNR is below this get 16 bits (0: never)")
+    overrides: tuple[str, ...] = option((), "rules SELECTOR=SPEC (op type or node glob = float | a:FMT | w:FMT, joined by +)")
+    samples: int = option(0, "calibration samples to use (0: all)")
+
+    def __post_init__(self):
+        QFormat.parse(self.weights)
+        if self.activations != "none":
+            fmt = QFormat.parse(self.activations)
+            if fmt.granularity != "per-tensor":
+                raise ValueError("activations are per-tensor (static ranges, as NPUs require)")
+        for text in self.overrides:
+            Rule.parse(text)
+
+    def run(self, model: ir.Model, ctx) -> bool:
+        rules = [Rule.parse(t) for t in self.overrides]
+        fmt_w = QFormat.parse(self.weights)
+        report = ctx.report
+        kept = report.setdefault("kept_float", [])
+        for node in model.graph:
+            keep, _, _ = node_config(node, rules, QFormat(), fmt_w)
+            if keep:
+                kept.append({"node": node.name, "op": node.op_type, "reason": "configured (override float)"})
+
+        stats = None
+        if self.activations != "none":
+            stats = ctx.analysis(ActivationStats(max_samples=self.samples or None), model)
+
+        changed = self._quantize_weights(model, ctx, rules, fmt_w)
+        if self.activations == "none":
+            return changed
+        fmt_a = QFormat.parse(self.activations)
+        plan = self._plan_activations(model, stats, rules, fmt_a, report)
+        if any(fmt.bits != 8 or not fmt.signed for _, _, fmt in plan.values()):
+            ensure_opset(model, 21)
+        names = NameFactory(model.graph)
+        by_id = {id(v): v for v in activation_values(model)}
+        for vid, (scale, zero, _fmt) in plan.items():
+            value = by_id[vid]
+            insert_qdq(model.graph, names, value, scale, zero, value.producer())
+        self._quantize_biases(model, names)
+        ir_common.RemoveUnusedNodesPass()(model)
+        return True
+
+    # -- weights ---------------------------------------------------------------------
+
+    def _quantize_weights(self, model, ctx, rules, fmt_w) -> bool:
+        groups: dict[str, list[str]] = {}
+        for node in model.graph:
+            keep, _, node_fmt = node_config(node, rules, QFormat(), fmt_w)
+            if not keep and node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+                groups.setdefault(str(node_fmt), []).append(node.name)
+        count = 0
+        for text, nodes in groups.items():
+            patterns = tuple(nodes)
+            count += quantize_weights(model, ctx, QFormat.parse(text), ("MatMul", "Gemm", "Conv", "ConvTranspose"),
+                                      keep_float=(), only=set(patterns))
+        return count > 0
+
+    # -- activations -------------------------------------------------------------------
+
+    def _plan_activations(self, model, stats, rules, fmt_a, report) -> dict[int, tuple[float, np.ndarray, QFormat]]:
+        """value id -> (scale, zero point, format), for every activation to quantize."""
+        derived = input_derived(model)
+        internal: set[int] = set()
+        for node in model.graph:
+            group = linear_group(node)
+            if group is not None:
+                internal.update(id(v) for v in group.internal)
+        plan: dict[int, tuple[float, np.ndarray, QFormat]] = {}
+        ranges: dict[int, tuple[float, float]] = {}
+        rows = report.setdefault("activations", [])
+        for value in activation_values(model):
+            vid = id(value)
+            if vid in internal or value.name not in stats:
+                continue
+            users = [u.node for u in value.uses()]
+            if vid in derived and not value.is_graph_output() and all(
+                all(id(o) in derived for o in u.outputs) for u in users
+            ):
+                continue  # inside an input-derived region (e.g. mask arithmetic): lowered as a whole
+            producer = value.producer()
+            _, fmt, _ = node_config(producer, rules, fmt_a, QFormat())
+            source = self._shared_source(producer, plan)
+            if source is not None:
+                plan[vid] = plan[source]
+                ranges[vid] = ranges[source]
+                continue
+            tensor_stats = stats[value.name]
+            how = self.method
+            if producer is not None and producer.op_type in BOUNDED_RANGES:
+                lo, hi = BOUNDED_RANGES[producer.op_type]
+                how = "bounded"
+            else:
+                lo, hi = tensor_stats.range(self.method, fmt, self.percentile)
+                mask = self._mask_operand(producer, derived, stats)
+                if mask is not None:
+                    other = producer.inputs[0] if producer.inputs[1] is mask else producer.inputs[1]
+                    if id(other) in ranges:
+                        lo, hi = ranges[id(other)]
+                        how = "masked add: range of the unmasked operand"
+            sqnr = estimate_sqnr_db(tensor_stats.hist, lo, hi, 2**fmt.bits) if how != "bounded" else float("inf")
+            if self.wide_below_db > 0 and fmt.bits == 8 and sqnr < self.wide_below_db:
+                fmt = dataclasses.replace(fmt, bits=16)
+                if how not in ("bounded",) and not how.startswith("masked"):
+                    lo, hi = tensor_stats.range("minmax", fmt)
+                    how = "minmax (widened to 16 bits)"
+                sqnr = estimate_sqnr_db(tensor_stats.hist, lo, hi, 2**fmt.bits)
+            scale, zero = qparams(np.array(lo), np.array(hi), fmt)
+            plan[vid] = (float(scale), zero, fmt)
+            ranges[vid] = (float(lo), float(hi))
+            rows.append({
+                "tensor": value.name,
+                "producer": producer.name if producer is not None else "(input)",
+                "op": producer.op_type if producer is not None else "input",
+                "format": str(fmt),
+                "range": [round(float(lo), 6), round(float(hi), 6)],
+                "calibrated": [round(float(tensor_stats.min), 6), round(float(tensor_stats.max), 6)],
+                "method": how,
+                "scale": float(scale),
+                "zero_point": int(zero),
+                "est_sqnr_db": round(float(sqnr), 2),
+            })
+        # Additive masks take the parameters of the sum they feed (they saturate to qmin).
+        for node in model.graph:
+            mask = self._mask_operand(node, derived, stats)
+            if mask is not None and id(node.outputs[0]) in plan:
+                plan[id(mask)] = plan[id(node.outputs[0])]
+        return plan
+
+    @staticmethod
+    def _shared_source(producer: ir.Node | None, plan) -> int | None:
+        if producer is None or producer.op_type not in TRANSPARENT_OPS or not producer.inputs:
+            return None
+        data = producer.inputs[0]
+        if producer.op_type == "Gather" and const_array(data) is not None:
+            return None  # an embedding lookup: its own range
+        return id(data) if data is not None and id(data) in plan else None
+
+    @staticmethod
+    def _mask_operand(node: ir.Node | None, derived: set[int], stats) -> ir.Value | None:
+        """The input-derived operand of an Add that is an additive attention mask, if any."""
+        if node is None or node.op_type != "Add":
+            return None
+        a, b = node.inputs[0], node.inputs[1]
+        for mask, other in ((b, a), (a, b)):
+            if id(mask) in derived and id(other) not in derived and mask.name in stats and other.name in stats:
+                m, o = stats[mask.name], stats[other.name]
+                if m.max <= 0.0 and m.min < -MASK_RATIO * max(o.absmax, 1e-6):
+                    return mask
+        return None
+
+    # -- biases ------------------------------------------------------------------------
+
+    @staticmethod
+    def _quantize_biases(model: ir.Model, names: NameFactory) -> None:
+        """Bias of a quantized linear → DequantizeLinear(int32, s_x·s_w): what integer hardware adds."""
+        from qcompiler.qdq import qdq_source
+
+        for node in list(model.graph):
+            group = linear_group(node)
+            if group is None:
+                continue
+            x = qdq_source(node.inputs[0])
+            w = qdq_source(node.inputs[1])
+            if x is None or w is None or w[1].ndim > 1:
+                continue
+            s_w = np.asarray(w[1], np.float64)
+            s_x = float(x[1])
+            if group.bias_add is not None:
+                add = group.bias_add
+                slot = 1 if add.inputs[0] is node.outputs[0] else 0
+                bias_value = add.inputs[slot]
+            elif node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2] is not None:
+                add, slot, bias_value = node, 2, node.inputs[2]
+            else:
+                continue
+            bias = const_array(bias_value)
+            if bias is None or bias.dtype != np.float32:
+                continue
+            channels = bias.shape
+            scale = (s_x * s_w).astype(np.float32)
+            if scale.size > 1:
+                scale = scale.reshape(-1)
+            flat = bias.reshape(-1) if bias.size == scale.size or scale.size == 1 else None
+            if flat is None:
+                continue
+            q = np.clip(np.round(flat / scale), -(2**31), 2**31 - 1).astype(np.int32)
+            base = bias_value.name or "bias"
+            qv = add_initializer(model.graph, names(f"{base}_q32"), q)
+            sv = add_initializer(model.graph, names(f"{base}_q32_scale"), scale)
+            zv = add_initializer(model.graph, names(f"{base}_q32_zero_point"), np.zeros(scale.shape, np.int32))
+            attrs = {"axis": 0} if scale.size > 1 else {}
+            dq = ir.node("DequantizeLinear", [qv, sv, zv], attrs, name=names(f"{base}_dequantize"))
+            dq.outputs[0].name = names(f"{base}_dq")
+            dq.outputs[0].dtype = ir.DataType.FLOAT
+            dq.outputs[0].shape = ir.Shape([q.size])
+            out = dq.outputs[0]
+            if channels != (q.size,):
+                shape = add_initializer(model.graph, names(f"{base}_shape"), np.array(channels, np.int64))
+                reshape = ir.node("Reshape", [out, shape], name=names(f"{base}_reshape"))
+                reshape.outputs[0].name = names(f"{base}_dq_shaped")
+                reshape.outputs[0].dtype = ir.DataType.FLOAT
+                reshape.outputs[0].shape = ir.Shape(channels)
+                model.graph.insert_before(add, [dq, reshape])
+                out = reshape.outputs[0]
+            else:
+                model.graph.insert_before(add, dq)
+            add.replace_input_with(slot, out)
+
+
+def describe_unquantized(model: ir.Model) -> list[str]:
+    """Nodes computing in float between quantized tensors (for the report)."""
+    return [node_label(n) for n in model.graph if any(is_float(o) for o in n.outputs) and n.op_type != "DequantizeLinear"]

@@ -1,0 +1,190 @@
+"""Calibration: statistics of every float activation, streamed over the calibration set.
+
+For each tensor: exact min/max, an :class:`~qcompiler.histogram.AdaptiveHistogram`
+(per tensor), per-channel min/max along the channel axis, and per-channel
+histograms for the tensors that ask for them. Samples are processed one at a time,
+so memory is bounded by the statistics, not the data, and results do not depend on
+batching. Ranges for a quantization format come from :meth:`TensorStats.range` with
+one of the methods: ``minmax``, ``percentile``, ``mse``, ``entropy``.
+
+The model runs in onnxruntime when it holds only standard ONNX ops (graph
+optimisations off so every intermediate keeps its name), else in the reference
+interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from .histogram import AdaptiveHistogram, entropy_range, mse_range, percentile_range
+from .passmanager import Analysis, PassContext
+from .quant import QFormat
+
+RANGE_METHODS = ("minmax", "percentile", "mse", "entropy")
+_FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+_NCHW_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
+             "GlobalMaxPool", "InstanceNormalization", "Resize", "DepthToSpace", "SpaceToDepth"}
+
+
+@dataclasses.dataclass
+class TensorStats:
+    name: str
+    shape: tuple[int, ...]
+    channel_axis: int
+    hist: AdaptiveHistogram
+    count: int = 0
+    min: float = np.inf
+    max: float = -np.inf
+    channel_min: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
+    channel_hist: AdaptiveHistogram | None = None
+
+    def update(self, value: np.ndarray) -> None:
+        value = np.asarray(value, dtype=np.float32)
+        finite = value[np.isfinite(value)]
+        if finite.size:
+            self.min = min(self.min, float(finite.min()))
+            self.max = max(self.max, float(finite.max()))
+            self.hist.add(finite)
+        self.count += value.size
+        if value.ndim >= 1:
+            moved = np.moveaxis(value, self.channel_axis, 0).reshape(value.shape[self.channel_axis], -1)
+            safe = np.where(np.isfinite(moved), moved, 0.0)
+            lo, hi = safe.min(axis=1), safe.max(axis=1)
+            self.channel_min = lo if self.channel_min is None else np.minimum(self.channel_min, lo)
+            self.channel_max = hi if self.channel_max is None else np.maximum(self.channel_max, hi)
+            if self.channel_hist is not None:
+                self.channel_hist.add(safe)
+
+    @property
+    def absmax(self) -> float:
+        return max(abs(self.min), abs(self.max)) if np.isfinite(self.min) else 0.0
+
+    def channel_absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.channel_min), np.abs(self.channel_max))
+
+    def range(self, method: str = "minmax", fmt: QFormat | None = None, percentile: float = 99.99) -> tuple[float, float]:
+        """The per-tensor range ``(lo, hi)`` to quantize this tensor with ``fmt``."""
+        fmt = fmt or QFormat()
+        lo, hi = (self.min, self.max) if np.isfinite(self.min) else (0.0, 0.0)
+        symmetric = fmt.symmetric
+        if method == "minmax":
+            if symmetric:
+                return -self.absmax, self.absmax
+            return lo, hi
+        if method == "percentile":
+            return percentile_range(self.hist, lo, hi, percentile, symmetric)
+        if method == "mse":
+            return mse_range(self.hist, lo, hi, fmt.bits, symmetric)
+        if method == "entropy":
+            one_sided = not symmetric and lo >= 0  # after ReLU/softmax: |x| is x, with 2^b levels
+            _, amax = entropy_range(self.hist, lo, hi, fmt.bits + 1 if one_sided else fmt.bits)
+            return (-amax, amax) if symmetric else (max(lo, -amax), min(hi, amax))
+        raise ValueError(f"unknown range method {method!r}; methods are {', '.join(RANGE_METHODS)}")
+
+
+def channel_axis_of(value: ir.Value) -> int:
+    """NCHW tensors (read or written by conv-like ops) have channels on axis 1; others last."""
+    rank = len(value.shape) if value.shape is not None else 0
+    producer = value.producer()
+    users = {use.node.op_type for use in value.uses()}
+    if rank >= 3 and ((producer is not None and producer.op_type in _NCHW_OPS) or users & _NCHW_OPS):
+        return 1
+    return max(rank - 1, 0)
+
+
+def activation_values(model: ir.Model) -> list[ir.Value]:
+    """Float tensors computed from the inputs: graph inputs and node outputs (no constants)."""
+    values = [v for v in model.graph.inputs if v.dtype in _FLOAT]
+    for node in model.graph:
+        if node.op_type == "Constant":
+            continue
+        values.extend(v for v in node.outputs if v.dtype in _FLOAT and v.const_value is None)
+    return values
+
+
+class _Runner:
+    """Computes the named intermediates for one sample."""
+
+    def __init__(self, model: ir.Model, names: list[str]):
+        self.names = names
+        self._session = None
+        if all(node.domain in ("", "ai.onnx") for node in model.graph):
+            self._session = self._ort_session(model, names)
+        if self._session is None:
+            from .interpreter import ReferenceInterpreter
+
+            self._interpreter = ReferenceInterpreter(model)
+
+    @staticmethod
+    def _ort_session(model: ir.Model, names: list[str]):
+        import onnxruntime as ort
+
+        proto = ir.to_proto(model)
+        existing = {o.name for o in proto.graph.output}
+        for name in names:
+            if name not in existing:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:  # an op ORT lacks: the reference interpreter handles everything we import
+            return None
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is not None:
+            return dict(zip(self.names, self._session.run(self.names, feeds)))
+        return self._interpreter.run(feeds, self.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationStats(Analysis):
+    """Statistics of every float activation over the calibration data (cached)."""
+
+    name = "activation-stats"
+    bins: int = 2048
+    #: Tensors that also get per-channel histograms (for per-channel percentile/MSE).
+    channel_histograms: frozenset[str] = frozenset()
+    channel_bins: int = 256
+    #: Use at most this many samples (None: all).
+    max_samples: int | None = None
+
+    def compute(self, model: ir.Model, ctx: PassContext) -> dict[str, TensorStats]:
+        data = ctx.require_calibration("calibration")
+        values = activation_values(model)
+        stats: dict[str, TensorStats] = {}
+        for value in values:
+            axis = channel_axis_of(value)
+            shape = tuple(int(d) if isinstance(d, int) else -1 for d in (value.shape or ()))
+            channels = shape[axis] if shape and shape[axis] > 0 else 1
+            stats[value.name] = TensorStats(
+                value.name, shape, axis, AdaptiveHistogram(self.bins),
+                channel_hist=AdaptiveHistogram(self.channel_bins, channels) if value.name in self.channel_histograms else None,
+            )
+        runner = _Runner(model, list(stats))
+        for feeds in _progress(data, ctx, self.max_samples):
+            for name, array in runner(feeds).items():
+                stats[name].update(array)
+        return stats
+
+
+def _progress(data, ctx: PassContext, limit: int | None) -> Iterator[dict[str, np.ndarray]]:
+    total = len(data) if limit is None else min(limit, len(data))
+    show = ctx.options.get("progress", False)
+    iterator = iter(data)
+    if show:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=total, desc="calibrating", unit="sample", file=sys.stderr, leave=False)
+    for index, feeds in enumerate(iterator):
+        if index >= total:
+            break
+        yield feeds

@@ -1,0 +1,213 @@
+"""Streaming histograms with exact merging, and the range estimators built on them.
+
+:class:`AdaptiveHistogram` counts values on the grid ``k·w`` (``k`` integer). When
+new data would need more than ``bins`` bins, the width ``w`` doubles and bin ``k``
+merges into ``⌊k/2⌋`` — exactly, since ``⌊x/2w⌋ = ⌊⌊x/w⌋/2⌋``. Memory is bounded
+by ``bins × channels`` whatever the number of samples, and the result does not
+depend on how samples are batched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class AdaptiveHistogram:
+    """Counts per channel on a shared power-of-two grid."""
+
+    def __init__(self, bins: int = 2048, channels: int = 1):
+        self.bins = bins
+        self.channels = channels
+        self.width: float | None = None
+        self.kmin = 0
+        self.counts = np.zeros((channels, bins), dtype=np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        """Add ``values`` of shape ``(channels, n)`` (or any shape when channels == 1)."""
+        values = np.asarray(values, dtype=np.float64).reshape(self.channels, -1)
+        if values.size == 0:
+            return
+        if self.width is None:
+            amax = float(np.max(np.abs(values)))
+            if amax == 0.0:
+                amax = 2.0**-20
+            self.width = 2.0 ** math.ceil(math.log2(2.0 * amax / self.bins))
+            self.kmin = math.floor(float(np.min(values)) / self.width)
+        k = np.floor(values / self.width).astype(np.int64)
+        lo, hi = int(k.min()), int(k.max())
+        used_hi = self.kmin + self._last_used()
+        lo, hi = min(lo, self.kmin), max(hi, used_hi)
+        while hi - lo + 1 > self.bins:
+            self._double()
+            k = np.floor(values / self.width).astype(np.int64)
+            lo = min(int(k.min()), self.kmin)
+            hi = max(int(k.max()), self.kmin + self._last_used())
+        if lo < self.kmin:
+            shift = self.kmin - lo
+            self.counts = np.concatenate(
+                [np.zeros((self.channels, shift), np.int64), self.counts[:, : self.bins - shift]], axis=1
+            )
+            self.kmin = lo
+        index = (k - self.kmin) + (np.arange(self.channels)[:, None] * self.bins)
+        self.counts += np.bincount(index.ravel(), minlength=self.channels * self.bins).reshape(self.channels, self.bins)
+
+    def _last_used(self) -> int:
+        nonzero = np.nonzero(self.counts.any(axis=0))[0]
+        return int(nonzero[-1]) if nonzero.size else 0
+
+    def _double(self) -> None:
+        new_kmin = self.kmin // 2
+        old_k = self.kmin + np.arange(self.bins)
+        new_index = old_k // 2 - new_kmin
+        merged = np.zeros_like(self.counts)
+        np.add.at(merged, (slice(None), new_index), self.counts)
+        self.counts = merged
+        self.kmin = new_kmin
+        self.width *= 2.0
+
+    # -- queries ---------------------------------------------------------------------
+
+    def edges(self) -> np.ndarray:
+        return (self.kmin + np.arange(self.bins + 1)) * (self.width or 1.0)
+
+    def channel(self, c: int) -> AdaptiveHistogram:
+        view = AdaptiveHistogram(self.bins, 1)
+        view.width, view.kmin, view.counts = self.width, self.kmin, self.counts[c : c + 1]
+        return view
+
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def quantile(self, q: float) -> float:
+        """The ``q``-quantile (0..1) of channel 0, interpolated linearly inside a bin."""
+        counts = self.counts[0].astype(np.float64)
+        total = counts.sum()
+        if total == 0 or self.width is None:
+            return 0.0
+        cumulative = np.cumsum(counts)
+        target = q * total
+        i = int(np.searchsorted(cumulative, target, side="left"))
+        i = min(i, self.bins - 1)
+        before = cumulative[i - 1] if i > 0 else 0.0
+        inside = (target - before) / counts[i] if counts[i] > 0 else 0.0
+        return float((self.kmin + i + min(max(inside, 0.0), 1.0)) * self.width)
+
+    def abs_counts(self) -> tuple[np.ndarray, float]:
+        """Counts of |x| of channel 0 on bins ``[j·w, (j+1)·w)``, and ``w``."""
+        counts = self.counts[0]
+        k = self.kmin + np.arange(self.bins)
+        folded = np.where(k >= 0, k, -k - 1)
+        size = int(folded.max()) + 1 if folded.size else 1
+        out = np.zeros(size, np.int64)
+        np.add.at(out, folded, counts)
+        return out, float(self.width or 1.0)
+
+
+# -- range estimators -----------------------------------------------------------------------
+
+
+def percentile_range(hist: AdaptiveHistogram, lo: float, hi: float, q: float, symmetric: bool) -> tuple[float, float]:
+    """Clip to the ``q`` percentile (e.g. 99.99) of |x| (symmetric) or of each tail."""
+    frac = q / 100.0
+    if symmetric:
+        counts, w = hist.abs_counts()
+        amax = _abs_quantile(counts, w, frac)
+        amax = min(amax, max(abs(lo), abs(hi)))
+        return -amax, amax
+    return max(lo, hist.quantile(1.0 - frac)), min(hi, hist.quantile(frac))
+
+
+def _abs_quantile(counts: np.ndarray, w: float, q: float) -> float:
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    cumulative = np.cumsum(counts)
+    target = q * total
+    i = int(np.searchsorted(cumulative, target, side="left"))
+    i = min(i, len(counts) - 1)
+    before = cumulative[i - 1] if i > 0 else 0
+    inside = (target - before) / counts[i] if counts[i] else 0.0
+    return float((i + min(max(inside, 0.0), 1.0)) * w)
+
+
+def _quant_mse(centers: np.ndarray, counts: np.ndarray, lo: float, hi: float, levels: int) -> float:
+    """Expected squared error of quantizing a histogram to ``levels`` steps on [lo, hi]."""
+    step = (hi - lo) / (levels - 1) if hi > lo else 1e-12
+    clipped = np.clip(centers, lo, hi)
+    rounding = np.round((clipped - lo) / step) * step + lo
+    error = (centers - rounding) ** 2
+    inside = (centers >= lo) & (centers <= hi)
+    error = np.where(inside, step * step / 12.0, error)  # uniform noise inside, clipping outside
+    return float(np.sum(counts * error))
+
+
+def mse_range(hist: AdaptiveHistogram, lo: float, hi: float, bits: int, symmetric: bool, steps: int = 100) -> tuple[float, float]:
+    """The clipping range minimising expected quantization MSE over the histogram.
+
+    Searches scaled ranges ``r·[lo, hi]`` for ``r`` in (0, 1] (symmetric: ``±r·max|x|``).
+    """
+    counts = hist.counts[0].astype(np.float64)
+    edges = hist.edges()
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    levels = 2**bits - (1 if symmetric else 0)
+    best, best_range = math.inf, (lo, hi)
+    amax = max(abs(lo), abs(hi))
+    for r in np.linspace(1.0 / steps, 1.0, steps):
+        cand = (-amax * r, amax * r) if symmetric else (lo * r, hi * r)
+        err = _quant_mse(centers, counts, cand[0], cand[1], levels)
+        if err < best - 1e-12 * max(best, 1.0):
+            best, best_range = err, cand
+    return best_range
+
+
+def entropy_range(hist: AdaptiveHistogram, lo: float, hi: float, bits: int) -> tuple[float, float]:
+    """Symmetric threshold minimising KL(P‖Q) between the |x| histogram clipped at the
+    threshold (P, outliers folded into the last bin) and its quantization to
+    ``2^(bits−1)`` levels (Q) — the TensorRT calibration procedure."""
+    counts, w = hist.abs_counts()
+    counts = counts.astype(np.float64)
+    n = len(counts)
+    levels = 2 ** (bits - 1)
+    if n <= levels:
+        amax = max(abs(lo), abs(hi))
+        return -amax, amax
+    best, best_i = math.inf, n
+    for i in range(levels, n + 1, max(1, (n - levels) // 256)):
+        p = counts[:i].copy()
+        p[i - 1] += counts[i:].sum()
+        if p.sum() == 0:
+            continue
+        groups = np.array_split(np.arange(i), levels)
+        q = np.zeros(i)
+        for g in groups:
+            nonzero = counts[g] > 0
+            if nonzero.any():
+                q[g[nonzero]] = counts[g].sum() / nonzero.sum()
+        p /= p.sum()
+        qs = q.sum()
+        if qs == 0:
+            continue
+        q /= qs
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best:
+            best, best_i = kl, i
+    amax = min(best_i * w, max(abs(lo), abs(hi)))
+    return -amax, amax
+
+
+def estimate_sqnr_db(hist: AdaptiveHistogram, lo: float, hi: float, levels: int) -> float:
+    """SQNR (dB) of quantizing the histogram's values to ``levels`` steps on [lo, hi]:
+    ``10·log10(E[x²] / E[(x − Q(x))²])`` with uniform noise inside and clipping outside."""
+    counts = hist.counts[0].astype(np.float64)
+    edges = hist.edges()
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    signal = float(np.sum(counts * centers * centers))
+    noise = _quant_mse(centers, counts, lo, hi, levels)
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
