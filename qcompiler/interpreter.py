@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_25
+from onnx.reference.ops.op_max_pool import MaxPool as _OnnxMaxPool
 
 from .errors import InputError
 
@@ -40,9 +41,23 @@ class GatherElements(OpRun):
     """``onnx.reference``'s GatherElements fails for rank > 1 indices; use take_along_axis."""
 
     def _run(self, data, indices, axis=None):
-        axis = 0 if axis is None else int(axis)
+        axis = 0 if axis is None else int(axis) % data.ndim
         indices = np.where(indices < 0, indices + data.shape[axis], indices)
-        return (np.take_along_axis(data, indices, axis=axis),)
+        # The output has the indices' shape: other axes of data may be longer.
+        window = tuple(slice(None) if i == axis else slice(0, n) for i, n in enumerate(indices.shape))
+        return (np.take_along_axis(data[window], indices, axis=axis),)
+
+
+@register_kernel
+class MaxPool(_OnnxMaxPool):
+    """``onnx.reference``'s MaxPool fails on integer tensors (it pads with NaN); integer
+    inputs run in float64 (exact for every value below 2^53) and are cast back."""
+
+    def _run(self, x, *args, **kwargs):
+        if np.issubdtype(x.dtype, np.integer):
+            results = super()._run(x.astype(np.float64), *args, **kwargs)
+            return (results[0].astype(x.dtype),) + tuple(results[1:])
+        return super()._run(x, *args, **kwargs)
 
 
 @register_kernel

@@ -34,7 +34,9 @@ ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Where Xor
 """
 
 #: Operators of qcompiler's own domain; their semantics live in ``qcompiler.kernels``.
-QC_OPS = frozenset({"Requantize", "IntSoftmax", "IntGELU", "IntLayerNorm", "IntAdd"})
+QC_OPS = frozenset({
+    "Requantize", "IntAdd", "IntMul", "IntMatMul", "IntLookup", "IntSoftmax", "IntGELU", "IntLayerNorm",
+})
 
 #: domain -> op types the importer accepts.
 SUPPORTED_OPS: dict[str, frozenset[str]] = {

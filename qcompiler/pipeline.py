@@ -284,7 +284,7 @@ def build(cls: type[Configurable], raw_options: list[tuple[str, str, int]], erro
             raise error(f"'{name}': option {key}={text!r}: {exc}") from None
     try:
         return cls(**values)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # a pass validating its options: every failure is the user's spec
         raise error(f"'{name}': {exc}") from None
 
 
