@@ -157,7 +157,7 @@ def mse_range(hist: AdaptiveHistogram, lo: float, hi: float, bits: int, symmetri
     for r in np.linspace(1.0 / steps, 1.0, steps):
         cand = (-amax * r, amax * r) if symmetric else (lo * r, hi * r)
         err = _quant_mse(centers, counts, cand[0], cand[1], levels)
-        if err < best - 1e-12 * max(best, 1.0):
+        if err < best * (1.0 - 1e-12):  # prefer the wider range on ties
             best, best_range = err, cand
     return best_range
 

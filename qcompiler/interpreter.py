@@ -18,6 +18,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_25
 from onnx.reference.ops.op_max_pool import MaxPool as _OnnxMaxPool
+from onnx.reference.ops.op_quantize_linear import QuantizeLinear_25, _reshape_input
 
 from .errors import InputError
 
@@ -74,6 +75,32 @@ class Dropout(OpRun):
 class DequantizeLinear(DequantizeLinear_25):
     """``onnx.reference`` lacks DequantizeLinear before opset 19; the newest version is a
     superset of the older ones (per-tensor, per-axis; plus blocks and int4/int16)."""
+
+
+@register_kernel
+class QuantizeLinear(QuantizeLinear_25):
+    """Saturating QuantizeLinear for integer outputs: ``onnx.reference`` adds the zero
+    point in int32 after casting, so values beyond int32 (a −3.4e38 attention mask)
+    wrap around to the wrong end. Here: ``clamp(rint(x / s) + z)`` in float64."""
+
+    def _run(self, x, y_scale, zero_point=None, axis=1, saturate=True, block_size=None, output_dtype=None, precision=None):
+        dtype = zero_point.dtype if zero_point is not None else None
+        if dtype is None and output_dtype:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(output_dtype)
+        dtype = np.dtype(dtype or np.uint8)
+        if dtype.kind not in "iu":  # float8/float4/int4: onnx.reference is right
+            args = (x, y_scale) if zero_point is None else (x, y_scale, zero_point)
+            return super()._run(*args, axis=axis, saturate=saturate, block_size=block_size,
+                                output_dtype=output_dtype, precision=precision)
+        scale = _reshape_input(y_scale, x.shape, axis, block_size)
+        ratio = (x / scale).astype(np.float64)
+        if precision:
+            ratio = x.astype(onnx.helper.tensor_dtype_to_np_dtype(precision)) / scale
+        ratio = np.nan_to_num(np.rint(ratio), nan=0.0)
+        if zero_point is not None:
+            ratio = ratio + _reshape_input(zero_point, x.shape, axis, block_size).astype(np.float64)
+        info = np.iinfo(dtype)
+        return (np.clip(ratio, info.min, info.max).astype(dtype),)
 
 
 def _to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
