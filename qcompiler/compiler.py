@@ -37,6 +37,15 @@ def _io(values) -> list[dict]:
     ]
 
 
+def _write_qdq_model(out_dir: Path, model: ir.Model, ctx: PassContext) -> None:
+    """``model.qdq.onnx``: the fake-quant (QDQ) model that onnxruntime runs, when the pipeline made one."""
+    proto = ctx.snapshots.get("fakequant")
+    if proto is None and get_stage(model) == "fakequant":
+        proto = ir.to_proto(model)
+    if proto is not None:
+        (out_dir / "model.qdq.onnx").write_bytes(proto.SerializeToString(deterministic=True))
+
+
 def compile_model(
     model: ir.Model,
     target: Target,
@@ -70,6 +79,7 @@ def compile_model(
         run_pipeline(full, model, ctx)
         target.check(model)
         target_info = target.build(model, tmp, ctx) or {}
+        _write_qdq_model(tmp, model, ctx)
         if report:
             from .report import write_report
 

@@ -71,6 +71,8 @@ class PassContext:
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     log: Callable[[str], None] = lambda message: None
     results: list[PassResult] = dataclasses.field(default_factory=list)
+    #: Models saved by passes for the artifact, e.g. ``"fakequant"``: the QDQ model before lowering.
+    snapshots: dict[str, Any] = dataclasses.field(default_factory=dict)
     _analyses: dict[Any, Any] = dataclasses.field(default_factory=dict)
     _samples: list[dict[str, np.ndarray]] | None = None
 

@@ -8,6 +8,9 @@ from .errors import PipelineError
 from .pipeline import _suggest
 
 _CLEANUP = "fold-constants,remove-identity,fold-batchnorm,eliminate-dead-code"
+#: Static per-tensor activations (int16 where the calibration data says int8 loses too
+#: much), integer softmax/GELU/LayerNorm, lowered to the integer stage.
+_QUANTIZE = "insert-fake-quant{{{w}wide_below_db=30.0}},lower-integer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +27,24 @@ PRESETS: dict[str, Preset] = {
         Preset("float", _CLEANUP, "no quantization: cleanup only", False),
         Preset(
             "weights-int8",
-            f"{_CLEANUP},quantize-weights{{format=int8:per-channel}}",
+            f"{_CLEANUP},quantize-weights",
             "data-free weight-only int8 (per-channel, symmetric), float activations; "
             "the default without --calib",
             False,
+        ),
+        Preset(
+            "w8a8",
+            f"{_CLEANUP},{_QUANTIZE.format(w='')}",
+            "int8 per-channel weights, static per-tensor int8 activations (int16 where needed), "
+            "integer-only graph",
+            True,
+        ),
+        Preset(
+            "w4a8",
+            f"{_CLEANUP},{_QUANTIZE.format(w='weights=int4:per-channel,')}",
+            "int4 per-channel weights, static per-tensor int8 activations (int16 where needed), "
+            "integer-only graph",
+            True,
         ),
     )
 }

@@ -40,6 +40,33 @@ def only_user(value: ir.Value) -> ir.Node | None:
     return next(iter(users.values())) if len(users) == 1 else None
 
 
+def constant_value(value: ir.Value | None) -> np.ndarray | None:
+    """A float constant, or the dequantized value of ``DequantizeLinear(constant)`` (float64)."""
+    c = const_array(value)
+    if c is not None:
+        return c.astype(np.float64)
+    source = qdq_source(value)
+    if source is None:
+        return None
+    q, scale, zero, dq = source
+    data = const_array(q)
+    if data is None:
+        return None
+    axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
+    block = dq.attributes["block_size"].as_int() if "block_size" in dq.attributes else 0
+    scale = np.asarray(scale, np.float64)
+    zero = np.asarray(zero).astype(np.float64)
+    if block:
+        axis %= data.ndim
+        scale = np.repeat(scale, block, axis=axis).take(np.arange(data.shape[axis]), axis=axis)
+        zero = np.repeat(zero, block, axis=axis).take(np.arange(data.shape[axis]), axis=axis)
+    elif scale.size > 1:
+        shape = [1] * data.ndim
+        shape[axis % data.ndim] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (data.astype(np.float64) - zero) * scale
+
+
 def bias_add_of(node: ir.Node) -> ir.Node | None:
     """The ``Add(out, const)`` that adds a per-output-channel bias to a MatMul/Conv output."""
     if node.op_type not in ("MatMul", "Conv", "ConvTranspose"):
@@ -49,7 +76,7 @@ def bias_add_of(node: ir.Node) -> ir.Node | None:
     if add is None or add.op_type != "Add":
         return None
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    bias = const_array(other)
+    bias = constant_value(other)
     if bias is None or out.shape is None:
         return None
     rank = len(out.shape)
@@ -72,7 +99,7 @@ def activation_of(value: ir.Value) -> ir.Node | None:
     if user.op_type == "Relu":
         return user
     if user.op_type == "Clip":
-        lo = const_array(user.inputs[1]) if len(user.inputs) > 1 and user.inputs[1] is not None else None
+        lo = constant_value(user.inputs[1]) if len(user.inputs) > 1 and user.inputs[1] is not None else None
         if lo is not None and float(lo) == 0.0:
             return user
     return None
@@ -98,7 +125,10 @@ class LinearGroup:
 
 
 def linear_group(node: ir.Node) -> LinearGroup | None:
+    """The group around a linear op with a constant (possibly quantized) weight."""
     if node.op_type not in LINEAR_OPS or node.domain not in ("", "ai.onnx"):
+        return None
+    if len(node.inputs) < 2 or constant_value(node.inputs[1]) is None:
         return None
     bias = bias_add_of(node)
     last = (bias or node).outputs[0]

@@ -1,0 +1,709 @@
+"""``lower-integer``: fold QDQ graphs into integer-only arithmetic (the integer stage).
+
+Each float op whose inputs are dequantized tensors and whose output is quantized is
+replaced by integer ops computing the quantized output directly:
+
+* linear groups → ``MatMulInteger``/``ConvInteger``/``IntMatMul`` (int32 accumulation,
+  int64 where the bound ``max|x−z_x| · max_j Σ_k |W_kj|`` could exceed int32),
+  int32 bias ``round(b / (s_x·s_w))``, ``Requantize`` with
+  ``M/2^k ≈ s_x·s_w / s_y`` and the fused ReLU/ReLU6 as clamp bounds;
+* residual adds → ``IntAdd`` (scale alignment); products → ``IntMul``; scaling by a
+  constant → ``Requantize``;
+* softmax / GELU / LayerNorm → ``IntSoftmax`` / ``IntGELU`` (or a lookup table) /
+  ``IntLayerNorm``, the variant chosen by measured error against float under
+  ``error_budget`` (max error as a fraction of the output range);
+* data movement keeps the integer tensor (requantizing only where scales differ);
+  embedding tables are quantized with their output's parameters; attention-mask
+  selects become integer selects.
+
+After the pass no float tensor remains between the quantized inputs and the
+dequantized outputs, except for ops the configuration keeps in float or that have
+no integer form: those stay as QDQ islands and are listed in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_common
+
+from qcompiler import intops
+from qcompiler.graph import NameFactory, add_initializer, const_array, ensure_qc_opset, node_label
+from qcompiler.opset import QC_DOMAIN
+from qcompiler.pipeline import Pass, option
+from qcompiler.qdq import TRANSPARENT_OPS, constant_value as _dequantized_constant, is_float, linear_group, qdq_source
+
+_INT8 = (np.dtype(np.int8), np.dtype(np.uint8))
+_ELEMENTWISE_TABLES = {
+    "Sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "Tanh": np.tanh,
+    "Erf": lambda x: np.vectorize(math.erf)(x),
+    "Exp": np.exp,
+    "HardSigmoid": lambda x: np.clip(0.2 * x + 0.5, 0.0, 1.0),
+    "HardSwish": lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+    "Softplus": lambda x: np.log1p(np.exp(x)),
+    "Neg": lambda x: -x,
+    "Abs": np.abs,
+    "Sqrt": lambda x: np.sqrt(np.maximum(x, 0.0)),
+    "Relu": lambda x: np.maximum(x, 0.0),
+    "LeakyRelu": None,  # needs alpha: handled in _table_function
+    "Elu": None,
+}
+
+
+@dataclasses.dataclass
+class QT:
+    """A quantized tensor in the integer graph: ``x ≈ (value − zero) · scale``."""
+
+    value: ir.Value
+    scale: np.ndarray  # scalar, or 1-D per channel (weights only)
+    zero: np.ndarray
+    axis: int | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.asarray(self.zero).dtype
+
+    @property
+    def s(self) -> float:
+        return float(np.asarray(self.scale).reshape(-1)[0])
+
+    @property
+    def z(self) -> int:
+        return int(np.asarray(self.zero).reshape(-1)[0])
+
+    def same_params(self, other: QT) -> bool:
+        return self.dtype == other.dtype and self.s == other.s and self.z == other.z
+
+
+class _Builder:
+    """Creates integer nodes and constants before ``anchor`` with typed outputs."""
+
+    def __init__(self, model: ir.Model):
+        self.graph = model.graph
+        self.names = NameFactory(model.graph)
+        self.anchor: ir.Node | None = None
+
+    def const(self, base: str, array) -> ir.Value:
+        return add_initializer(self.graph, self.names(base), np.asarray(array))
+
+    def node(self, op: str, inputs, attrs=None, *, dtype, shape, domain: str = "", base: str = "") -> ir.Value:
+        node = ir.node(op, inputs, attrs or {}, domain=domain, name=self.names(f"{base or op}_{op}"))
+        out = node.outputs[0]
+        out.name = self.names(f"{base or op}_{op.lower()}")
+        out.dtype = ir.DataType.from_numpy(np.dtype(dtype))
+        out.shape = ir.Shape(shape) if shape is not None else None
+        self.graph.insert_before(self.anchor, node)
+        return out
+
+
+def _shape(value: ir.Value):
+    return list(value.shape) if value.shape is not None else None
+
+
+@dataclass(frozen=True)
+class LowerInteger(Pass):
+    """Replace QDQ + float ops by integer ops (MatMulInteger, Requantize, IntSoftmax, ...)."""
+
+    name = "lower-integer"
+    stages = ("fakequant",)
+    produces = "integer"
+    preserves_numerics = False
+
+    softmax: Literal["auto", "ibert", "linear", "lut"] = option("auto", "integer softmax variant (auto: by error budget)")
+    gelu: Literal["auto", "ibert", "lut"] = option("auto", "integer GELU variant (auto: by error budget)")
+    error_budget: float = option(0.005, "max error of a nonlinear op's integer variant, as a fraction of its output range")
+    keep_float: tuple[str, ...] = option((), "node-name globs or op types to leave in float")
+
+    def run(self, model: ir.Model, ctx) -> bool:
+        import fnmatch
+
+        ctx.snapshots["fakequant"] = ir.to_proto(model)
+        ensure_qc_opset(model)
+        lowering = _Lowering(model, self, ctx)
+        for node in list(model.graph):
+            if node.graph is not model.graph:
+                continue
+            if node.op_type in self.keep_float or any(fnmatch.fnmatchcase(node.name or "", p) for p in self.keep_float):
+                lowering.keep(node, "configured (keep_float)")
+                continue
+            lowering.lower(node)
+        _drop_redundant_qdq(model)
+        ir_common.RemoveUnusedNodesPass()(model)
+        report = ctx.report
+        report["integer_lowering"] = {
+            "lowered": lowering.lowered,
+            "kept_float": lowering.kept,
+            "variants": lowering.variants,
+            "accumulators": lowering.accumulators,
+        }
+        report.setdefault("kept_float", []).extend(lowering.kept)
+        return lowering.lowered > 0
+
+
+class _Lowering:
+    def __init__(self, model: ir.Model, options: LowerInteger, ctx):
+        self.model = model
+        self.options = options
+        self.b = _Builder(model)
+        self.lowered = 0
+        self.kept: list[dict] = []
+        self.variants: list[dict] = []
+        self.accumulators: list[dict] = []
+        self.ctx = ctx
+        self.done: set[int] = set()
+
+    # -- driver --------------------------------------------------------------------
+
+    def keep(self, node: ir.Node, reason: str) -> None:
+        if any(is_float(o) for o in node.outputs) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            self.kept.append({"node": node.name, "op": node.op_type, "reason": reason})
+
+    def lower(self, node: ir.Node) -> None:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or node.domain not in ("", "ai.onnx"):
+            return
+        if id(node) in self.done:
+            return
+        group = linear_group(node)
+        if group is not None:
+            self.done.update(id(n) for n in (group.bias_add, group.activation) if n is not None)
+        last = group.activation or group.bias_add or group.linear if group else node
+        out = last.outputs[0]
+        target = self._output_params(out)
+        if target is None:
+            if any(is_float(o) for o in node.outputs) and not self._inside_group(node):
+                self.keep(node, "output is not quantized")
+            return
+        q_node, out_qt = target
+        self.b.anchor = q_node
+        try:
+            if group is not None:
+                result = self._linear(group, out_qt)
+            else:
+                handler = getattr(self, f"_op_{node.op_type}", None)
+                result = handler(node, out_qt) if handler else None
+                if result is None and node.op_type in TRANSPARENT_OPS:
+                    result = self._transparent(node, out_qt)
+                if result is None and node.op_type in _ELEMENTWISE_TABLES:
+                    result = self._table(node, out_qt)
+        except _Refuse as refusal:
+            self.keep(node, str(refusal))
+            return
+        if result is None:
+            self.keep(node, "no integer form for these inputs")
+            return
+        # Readers of the quantized output now read the integer result.
+        result.name, q_node.outputs[0].name = q_node.outputs[0].name, self.b.names(f"{q_node.outputs[0].name}_old")
+        q_node.outputs[0].replace_all_uses_with(result, replace_graph_outputs=True)
+        self.lowered += 1
+
+    @staticmethod
+    def _inside_group(node: ir.Node) -> bool:
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None:
+                group = linear_group(producer)
+                if group is not None and node in (group.bias_add, group.activation):
+                    return True
+        return False
+
+    def _output_params(self, out: ir.Value):
+        """The QuantizeLinear reading ``out`` (its only reader) and the quantized tensor it defines."""
+        users = [u.node for u in out.uses()]
+        qs = [u for u in users if u.op_type == "QuantizeLinear"]
+        if len(qs) != 1 or len(users) != 1:
+            return None
+        q = qs[0]
+        scale = const_array(q.inputs[1])
+        zero = const_array(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else np.uint8(0)
+        if scale is None or scale.size != 1:
+            return None
+        return q, QT(q.outputs[0], scale.reshape(()), np.asarray(zero).reshape(()))
+
+    def qin(self, value: ir.Value | None) -> QT | None:
+        """The quantized tensor behind a dequantized input, if it is one."""
+        source = qdq_source(value)
+        if source is None:
+            return None
+        q, scale, zero, dq = source
+        axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
+        if "block_size" in dq.attributes and dq.attributes["block_size"].as_int() > 0:
+            raise _Refuse("blocked (per-group) weights have no integer form")
+        return QT(q, scale, zero, axis if np.asarray(scale).size > 1 else None)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def requantize(self, value: ir.Value, real: np.ndarray | float, out: QT, *, x_zero=None, axis=1, qmin=None, qmax=None, shape=None) -> ir.Value:
+        real = np.asarray(real, np.float64)
+        m, k = intops.fixed_point_array(real) if real.size > 1 else [np.array(v, np.int32) for v in intops.fixed_point(float(real))]
+        inputs = [value, self.b.const("multiplier", np.asarray(m, np.int32)), self.b.const("shift", np.asarray(k, np.int32)),
+                  self.b.const("zero_point", out.zero)]
+        if x_zero is not None:
+            inputs.append(self.b.const("x_zero_point", np.asarray(x_zero)))
+        attrs = {"axis": axis}
+        if qmin is not None:
+            attrs["qmin"] = int(qmin)
+        if qmax is not None:
+            attrs["qmax"] = int(qmax)
+        return self.b.node("Requantize", inputs, attrs, dtype=out.dtype, shape=shape if shape is not None else _shape(value),
+                           domain=QC_DOMAIN, base=value.name)
+
+    def align(self, x: QT, out: QT, shape=None) -> ir.Value:
+        """``x`` re-expressed with ``out``'s parameters (itself if they already match)."""
+        if x.same_params(out):
+            return x.value
+        return self.requantize(x.value, x.s / out.s, out, x_zero=x.zero, shape=shape)
+
+    # -- linear groups ----------------------------------------------------------------
+
+    def _linear(self, group, out: QT) -> ir.Value | None:
+        node = group.linear
+        x = self.qin(node.inputs[0])
+        w = self.qin(node.inputs[1])
+        if x is None or w is None or const_array(w.value) is None:
+            raise _Refuse("linear op without quantized input and constant quantized weight")
+        if np.any(np.asarray(w.zero) != 0):
+            raise _Refuse("asymmetric weights (integer lowering expects symmetric weights)")
+        w_int = const_array(w.value)
+        s_w = np.asarray(w.scale, np.float64).reshape(-1)
+        op = node.op_type
+        if op == "Gemm":
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            if attrs.get("transA", 0):
+                raise _Refuse("Gemm with transA")
+            alpha = float(attrs.get("alpha", 1.0))
+            if attrs.get("transB", 0):
+                w_int = w_int.T
+            s_w = s_w * alpha
+        elif op == "ConvTranspose":
+            raise _Refuse("ConvTranspose has no integer lowering yet")
+        acc_shape = _shape(node.outputs[0])
+        x_range = self._range(x)
+        if op == "Conv":
+            reduce = np.abs(w_int.astype(np.int64)).reshape(w_int.shape[0], -1).sum(axis=1)
+        else:
+            reduce = np.abs(w_int.astype(np.int64)).sum(axis=-2).reshape(-1)
+        bias_q = self._bias(group, node, s_w * x.s)
+        bound = x_range * float(reduce.max(initial=0)) + (float(np.abs(bias_q).max()) if bias_q is not None else 0.0)
+        acc = np.int64 if bound >= 2**31 else np.int32
+        self.accumulators.append({"node": node.name, "bound": bound, "accumulator": np.dtype(acc).name})
+        if op == "Conv":
+            if x.dtype not in _INT8:
+                raise _Refuse("16-bit conv inputs have no integer lowering (ConvInteger is 8-bit)")
+            if acc == np.int64:
+                raise _Refuse(f"conv accumulator bound {bound:.3g} exceeds int32")
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            acc_value = self.b.node("ConvInteger", [x.value, self.b.const(f"{node.name}_w", w_int.astype(np.int8)), self.b.const("x_zero_point", x.zero)],
+                                    attrs, dtype=np.int32, shape=acc_shape, base=node.name)
+            channel_axis = 1
+        else:
+            w_stored = w_int.astype(np.int8) if w_int.dtype.itemsize == 1 or w_int.dtype.name.startswith("int4") else w_int
+            if x.dtype in _INT8 and w_stored.dtype == np.int8 and acc == np.int32 and w_int.dtype == np.int8:
+                acc_value = self.b.node("MatMulInteger", [x.value, self.b.const(f"{node.name}_w", w_stored), self.b.const("x_zero_point", x.zero)],
+                                        dtype=np.int32, shape=acc_shape, base=node.name)
+            else:
+                acc_value = self.b.node("IntMatMul", [x.value, self.b.const(f"{node.name}_w", w_int), self.b.const("x_zero_point", x.zero)],
+                                        {"acc_type": np.dtype(acc).name}, dtype=acc, shape=acc_shape, domain=QC_DOMAIN, base=node.name)
+            channel_axis = len(acc_shape) - 1 if acc_shape else -1
+        if bias_q is not None:
+            bias_shape = [1] * len(acc_shape)
+            bias_shape[channel_axis] = -1 if bias_q.size > 1 else 1
+            bias = self.b.const(f"{node.name}_bias_q", bias_q.astype(acc).reshape(bias_shape) if bias_q.size > 1 else bias_q.astype(acc).reshape(()))
+            acc_value = self.b.node("Add", [acc_value, bias], dtype=acc, shape=acc_shape, base=node.name)
+        qmin, qmax = self._activation_bounds(group.activation, out)
+        real = x.s * s_w / out.s
+        return self.requantize(acc_value, real if real.size > 1 else float(real[0]), out, axis=channel_axis, qmin=qmin, qmax=qmax, shape=_shape(group.output))
+
+    def _range(self, x: QT) -> float:
+        lo, hi = intops.int_range(x.dtype)
+        return float(max(abs(lo - x.z), abs(hi - x.z)))
+
+    def _bias(self, group, node, bias_scale: np.ndarray) -> np.ndarray | None:
+        if group.bias_add is not None:
+            add = group.bias_add
+            value = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+        elif node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
+            value = node.inputs[2]
+        else:
+            return None
+        float_bias = _dequantized_constant(value)
+        if float_bias is None:
+            raise _Refuse("bias is not constant")
+        if node.op_type == "Gemm":
+            float_bias = float_bias * float(node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0)
+        float_bias = float_bias.reshape(-1)
+        q = np.round(float_bias / bias_scale)
+        if np.any(np.abs(q) >= 2**31):
+            raise _Refuse("bias does not fit int32 at scale s_x·s_w")
+        return q.astype(np.int64)
+
+    def _activation_bounds(self, activation: ir.Node | None, out: QT):
+        if activation is None:
+            return None, None
+        if activation.op_type == "Relu":
+            return out.z, None
+        hi = const_array(activation.inputs[2]) if len(activation.inputs) > 2 and activation.inputs[2] is not None else None
+        qmax = None if hi is None else out.z + int(math.floor(float(hi) / out.s + 0.5))
+        return out.z, qmax
+
+    # -- elementwise --------------------------------------------------------------------
+
+    def _op_Add(self, node: ir.Node, out: QT, negate: bool = False):
+        a, b = self.qin(node.inputs[0]), self.qin(node.inputs[1])
+        shape = _shape(node.outputs[0])
+        if a is not None and b is not None:
+            ma, mb, k = intops.add_constants(a.s, b.s, out.s)
+            if negate:
+                mb = -mb
+            return self._int_add(a.value, a.zero, b.value, b.zero, out, ma, mb, k, shape)
+        if a is None and b is not None and not negate:
+            a, b, node_inputs = b, None, (node.inputs[1], node.inputs[0])
+        else:
+            node_inputs = (node.inputs[0], node.inputs[1])
+        if a is None:
+            return None
+        c = _dequantized_constant(node_inputs[1])
+        if c is None:
+            return None
+        c = -c if negate else c
+        c_scale = max(float(np.max(np.abs(c), initial=0.0)) / 2**30, out.s / 2**8, 1e-30)
+        c_int = np.round(c / c_scale).astype(np.int32)
+        ma, mb, k = intops.add_constants(a.s, c_scale, out.s)
+        return self._int_add(a.value, a.zero, self.b.const("addend", c_int), np.int32(0), out, ma, mb, k, shape)
+
+    def _int_add(self, a, za, b, zb, out: QT, ma, mb, k, shape):
+        inputs = [a, self.b.const("a_zero_point", np.asarray(za)), b, self.b.const("b_zero_point", np.asarray(zb)), self.b.const("y_zero_point", out.zero)]
+        return self.b.node("IntAdd", inputs, {"a_multiplier": int(ma), "b_multiplier": int(mb), "shift": int(k)},
+                           dtype=out.dtype, shape=shape, domain=QC_DOMAIN)
+
+    def _op_Sub(self, node, out):
+        return self._op_Add(node, out, negate=True)
+
+    def _op_Mul(self, node: ir.Node, out: QT):
+        a, b = self.qin(node.inputs[0]), self.qin(node.inputs[1])
+        shape = _shape(node.outputs[0])
+        if a is not None and b is not None:
+            real = a.s * b.s / out.s
+            span = self._range(a) * self._range(b)
+            pre = max(0, int(span).bit_length() - 31)
+            m, k = intops.fixed_point(real * 2.0**pre, 31)
+            inputs = [a.value, self.b.const("a_zero_point", a.zero), b.value, self.b.const("b_zero_point", b.zero), self.b.const("y_zero_point", out.zero)]
+            return self.b.node("IntMul", inputs, {"multiplier": m, "shift": k, "pre_shift": pre}, dtype=out.dtype, shape=shape, domain=QC_DOMAIN)
+        x, c_value = (a, node.inputs[1]) if a is not None else (b, node.inputs[0])
+        c = _dequantized_constant(c_value)
+        if x is None or c is None:
+            return None
+        return self._scale_by(x, c, out, shape)
+
+    def _op_Div(self, node: ir.Node, out: QT):
+        x = self.qin(node.inputs[0])
+        c = _dequantized_constant(node.inputs[1])
+        if x is None or c is None or np.any(c == 0):
+            return None
+        return self._scale_by(x, 1.0 / c, out, _shape(node.outputs[0]))
+
+    def _scale_by(self, x: QT, c: np.ndarray, out: QT, shape):
+        c = np.asarray(c, np.float64)
+        if c.size == 1:
+            return self.requantize(x.value, x.s * float(c.reshape(-1)[0]) / out.s, out, x_zero=x.zero, shape=shape)
+        rank = len(shape)
+        squeezed = [i for i, d in enumerate(c.shape) if d != 1]
+        if len(squeezed) != 1:
+            return None
+        axis = squeezed[0] + rank - c.ndim
+        return self.requantize(x.value, x.s * c.reshape(-1) / out.s, out, x_zero=x.zero, axis=axis, shape=shape)
+
+    def _op_Relu(self, node, out):
+        x = self.qin(node.inputs[0])
+        if x is None:
+            return None
+        return self.requantize(x.value, x.s / out.s, out, x_zero=x.zero, qmin=out.z, shape=_shape(node.outputs[0]))
+
+    def _op_Clip(self, node, out):
+        x = self.qin(node.inputs[0])
+        if x is None:
+            return None
+        lo = _dequantized_constant(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        hi = _dequantized_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        qmin = None if lo is None else out.z + int(math.ceil(float(lo) / out.s - 0.5))
+        qmax = None if hi is None else out.z + int(math.floor(float(hi) / out.s + 0.5))
+        return self.requantize(x.value, x.s / out.s, out, x_zero=x.zero, qmin=qmin, qmax=qmax, shape=_shape(node.outputs[0]))
+
+    # -- matmul of two activations -------------------------------------------------------
+
+    def _op_MatMul(self, node: ir.Node, out: QT):
+        a, b = self.qin(node.inputs[0]), self.qin(node.inputs[1])
+        if a is None or b is None or b.axis is not None or a.axis is not None:
+            return None
+        k_dim = node.inputs[0].shape[-1] if node.inputs[0].shape is not None else None
+        if not isinstance(k_dim, int):
+            raise _Refuse("unknown reduction length")
+        bound = self._range(a) * self._range(b) * k_dim
+        acc = np.int64 if bound >= 2**31 else np.int32
+        self.accumulators.append({"node": node.name, "bound": bound, "accumulator": np.dtype(acc).name})
+        shape = _shape(node.outputs[0])
+        if a.dtype in _INT8 and b.dtype in _INT8 and acc == np.int32:
+            acc_value = self.b.node("MatMulInteger", [a.value, b.value, self.b.const("a_zero_point", a.zero), self.b.const("b_zero_point", b.zero)],
+                                    dtype=np.int32, shape=shape, base=node.name)
+        else:
+            acc_value = self.b.node("IntMatMul", [a.value, b.value, self.b.const("a_zero_point", a.zero), self.b.const("b_zero_point", b.zero)],
+                                    {"acc_type": np.dtype(acc).name}, dtype=acc, shape=shape, domain=QC_DOMAIN, base=node.name)
+        return self.requantize(acc_value, a.s * b.s / out.s, out, shape=shape)
+
+    # -- nonlinear ops ---------------------------------------------------------------------
+
+    def _op_Softmax(self, node: ir.Node, out: QT):
+        x = self.qin(node.inputs[0])
+        if x is None:
+            return None
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else -1
+        choices = ["lut", "linear", "ibert"] if x.dtype in _INT8 else ["linear", "ibert"]
+        if self.options.softmax != "auto":
+            if self.options.softmax == "lut" and x.dtype not in _INT8:
+                raise _Refuse("softmax=lut needs 8-bit inputs")
+            choices = [self.options.softmax]
+        variant = self._pick("Softmax", node, x, out, choices, lambda v, q: intops.int_softmax(q, x.zero, out.zero, x.s, out.s, -1, v),
+                             lambda f: _softmax(f))
+        inputs = [x.value, self.b.const("x_zero_point", x.zero), self.b.const("y_zero_point", out.zero)]
+        return self.b.node("IntSoftmax", inputs, {"input_scale": x.s, "output_scale": out.s, "axis": axis, "variant": variant},
+                           dtype=out.dtype, shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
+
+    def _op_Gelu(self, node: ir.Node, out: QT):
+        x = self.qin(node.inputs[0])
+        if x is None:
+            return None
+        approximate = node.attributes["approximate"].as_string() if "approximate" in node.attributes else "none"
+        reference = _gelu_tanh if approximate == "tanh" else _gelu_erf
+        choices = ["lut", "ibert"] if x.dtype in _INT8 else ["ibert"]
+        if self.options.gelu != "auto":
+            if self.options.gelu == "lut" and x.dtype not in _INT8:
+                raise _Refuse("gelu=lut needs 8-bit inputs")
+            choices = [self.options.gelu]
+
+        def run(variant, q):
+            if variant == "lut":
+                return intops.int_lookup(q, self._lut(x, out, reference))
+            return intops.int_gelu(q, x.zero, out.zero, x.s, out.s)
+
+        variant = self._pick("Gelu", node, x, out, choices, run, reference, elementwise=True)
+        if variant == "lut":
+            return self._lookup(x, out, reference, _shape(node.outputs[0]))
+        inputs = [x.value, self.b.const("x_zero_point", x.zero), self.b.const("y_zero_point", out.zero)]
+        return self.b.node("IntGELU", inputs, {"input_scale": x.s, "output_scale": out.s}, dtype=out.dtype,
+                           shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
+
+    def _op_LayerNormalization(self, node: ir.Node, out: QT):
+        x = self.qin(node.inputs[0])
+        if x is None:
+            return None
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else -1
+        rank = len(node.inputs[0].shape)
+        if axis not in (-1, rank - 1):
+            raise _Refuse("LayerNorm over more than the last axis")
+        gamma = _dequantized_constant(node.inputs[1])
+        beta = _dequantized_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros_like(gamma)
+        if gamma is None or beta is None:
+            raise _Refuse("LayerNorm scale/bias are not constant")
+        channels = node.inputs[0].shape[-1]
+        gamma = np.broadcast_to(gamma.reshape(-1), (channels,))
+        beta = np.broadcast_to(beta.reshape(-1), (channels,))
+        eps = node.attributes["epsilon"].as_float() if "epsilon" in node.attributes else 1e-5
+        mult, bias, k, eps_q = intops.layernorm_constants(gamma, beta, x.s, out.s, eps)
+        self._measure("LayerNormalization", node, x, out, "integer", lambda q: intops.int_layernorm(q, x.zero, out.zero, mult, bias, k, eps_q),
+                      lambda f: _layernorm(f, gamma, beta, eps), rows=channels)
+        inputs = [x.value, self.b.const("x_zero_point", x.zero), self.b.const("y_zero_point", out.zero),
+                  self.b.const("ln_multiplier", mult.astype(np.int64)), self.b.const("ln_bias", bias.astype(np.int64))]
+        return self.b.node("IntLayerNorm", inputs, {"shift": int(k), "eps_q": int(eps_q), "axis": -1},
+                           dtype=out.dtype, shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
+
+    def _table(self, node: ir.Node, out: QT):
+        x = self.qin(node.inputs[0])
+        if x is None or len([v for v in node.inputs if v is not None]) != 1:
+            return None
+        if x.dtype not in _INT8:
+            raise _Refuse(f"{node.op_type} on 16-bit input has no integer form (lookup tables need 8-bit inputs)")
+        function = _table_function(node)
+        if function is None:
+            return None
+        return self._lookup(x, out, function, _shape(node.outputs[0]))
+
+    def _lut(self, x: QT, out: QT, function) -> np.ndarray:
+        lo, hi = intops.int_range(x.dtype)
+        grid = (np.arange(lo, hi + 1, dtype=np.float64) - x.z) * x.s
+        y = np.round(function(grid) / out.s) + out.z
+        ylo, yhi = intops.int_range(out.dtype)
+        return np.clip(y, ylo, yhi).astype(out.dtype)
+
+    def _lookup(self, x: QT, out: QT, function, shape):
+        table = self.b.const("table", self._lut(x, out, function))
+        return self.b.node("IntLookup", [x.value, table], dtype=out.dtype, shape=shape, domain=QC_DOMAIN)
+
+    def _pick(self, op, node, x: QT, out: QT, choices, run, reference, elementwise=False) -> str:
+        """Measure each variant against float on a sweep of the input grid; pick the first
+        within the error budget (else the most accurate)."""
+        errors = {}
+        for variant in choices:
+            errors[variant] = self._measure(op, node, x, out, variant, lambda q, v=variant: run(v, q), reference,
+                                            rows=None if elementwise else 128, record=False)
+        chosen = next((v for v in choices if errors[v] <= self.options.error_budget), min(errors, key=errors.get))
+        self.variants.append({"node": node.name, "op": op, "errors": {v: round(e, 6) for v, e in errors.items()}, "chosen": chosen})
+        return chosen
+
+    def _measure(self, op, node, x: QT, out: QT, variant, run, reference, rows=None, record=True) -> float:
+        """Max |integer − float| over a deterministic sweep, as a fraction of the output range."""
+        lo, hi = intops.int_range(x.dtype)
+        rng = np.random.default_rng(0)
+        if rows is None:
+            q = np.arange(lo, hi + 1, max(1, (hi - lo) // 4096)).astype(x.dtype)
+        else:  # rows of realistic spread: a random subset of the calibrated range
+            q = rng.integers(lo, hi + 1, size=(16, rows)).astype(x.dtype)
+            q = (q.astype(np.int64) - x.z) // rng.integers(1, 8, size=(16, 1)) + x.z
+            q = np.clip(q, lo, hi).astype(x.dtype)
+        real = (q.astype(np.float64) - x.z) * x.s
+        expected = reference(real)
+        got = (run(q).astype(np.float64) - out.z) * out.s
+        ylo, yhi = intops.int_range(out.dtype)
+        span = (yhi - ylo) * out.s
+        clipped = np.clip(expected, (ylo - out.z) * out.s, (yhi - out.z) * out.s)
+        error = float(np.max(np.abs(got - clipped))) / span
+        if record:
+            self.variants.append({"node": node.name, "op": op, "errors": {variant: round(error, 6)}, "chosen": variant})
+        return error
+
+    # -- data movement ----------------------------------------------------------------------
+
+    def _transparent(self, node: ir.Node, out: QT):
+        data = node.inputs[0]
+        x = self.qin(data)
+        if x is None or x.axis is not None:
+            return None
+        if node.op_type == "Gather" and const_array(data) is not None:
+            return None
+        if node.op_type == "Split":
+            return None  # several outputs: left to the float island
+        inputs = [x.value] + list(node.inputs[1:])
+        if any(is_float(v) for v in inputs[1:] if v is not None):
+            return None
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        moved = self.b.node(node.op_type, inputs, attrs, dtype=x.dtype, shape=_shape(node.outputs[0]), base=node.name)
+        return self.align(QT(moved, x.scale, x.zero), out, _shape(node.outputs[0]))
+
+    def _op_Gather(self, node: ir.Node, out: QT):
+        table = _dequantized_constant(node.inputs[0])
+        if table is None or is_float(node.inputs[1]):
+            return None
+        lo, hi = intops.int_range(out.dtype)
+        table_q = np.clip(np.round(table / out.s) + out.z, lo, hi).astype(out.dtype)
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        return self.b.node("Gather", [self.b.const(f"{node.name}_table_q", table_q), node.inputs[1]], attrs,
+                           dtype=out.dtype, shape=_shape(node.outputs[0]), base=node.name)
+
+    def _op_Concat(self, node: ir.Node, out: QT):
+        parts = [self.qin(v) for v in node.inputs]
+        if any(p is None for p in parts):
+            return None
+        aligned = [self.align(p, out, _shape(v)) for p, v in zip(parts, node.inputs)]
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        return self.b.node("Concat", aligned, attrs, dtype=out.dtype, shape=_shape(node.outputs[0]), base=node.name)
+
+    def _op_Where(self, node: ir.Node, out: QT):
+        cond, a, b = node.inputs
+        if is_float(cond):
+            return None
+        cond_producer = cond.producer()
+        if cond_producer is not None and cond_producer.op_type == "IsNaN" and qdq_source(cond_producer.inputs[0]) is not None:
+            other = self.qin(b)  # integers are never NaN: the condition is all false
+            return self.align(other, out, _shape(node.outputs[0])) if other is not None else None
+        branches = []
+        for value in (a, b):
+            qt = self.qin(value)
+            if qt is not None:
+                branches.append(self.align(qt, out, _shape(value)))
+                continue
+            c = const_array(value)
+            if c is None:
+                return None
+            lo, hi = intops.int_range(out.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                quantized = np.clip(np.nan_to_num(np.round(c.astype(np.float64) / out.s)) + out.z, lo, hi)
+            branches.append(self.b.const("branch", quantized.astype(out.dtype)))
+        return self.b.node("Where", [cond, *branches], dtype=out.dtype, shape=_shape(node.outputs[0]), base=node.name)
+
+    def _op_GlobalAveragePool(self, node: ir.Node, out: QT):
+        x = self.qin(node.inputs[0])
+        shape = _shape(node.inputs[0])
+        if x is None or shape is None or not all(isinstance(d, int) for d in shape):
+            return None
+        window = int(np.prod(shape[2:]))
+        wide = self.b.node("Cast", [x.value], {"to": ir.DataType.INT32}, dtype=np.int32, shape=shape, base=node.name)
+        axes = self.b.const("axes", np.arange(2, len(shape), dtype=np.int64))
+        total = self.b.node("ReduceSum", [wide, axes], {"keepdims": 1}, dtype=np.int32, shape=_shape(node.outputs[0]), base=node.name)
+        return self.requantize(total, x.s / (out.s * window), out, x_zero=np.int32(window * x.z), shape=_shape(node.outputs[0]))
+
+
+class _Refuse(Exception):
+    """This node stays in float; the message says why."""
+
+
+def _table_function(node: ir.Node):
+    op = node.op_type
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    if op == "LeakyRelu":
+        alpha = float(attrs.get("alpha", 0.01))
+        return lambda x: np.where(x >= 0, x, alpha * x)
+    if op == "Elu":
+        alpha = float(attrs.get("alpha", 1.0))
+        return lambda x: np.where(x >= 0, x, alpha * (np.exp(np.minimum(x, 0)) - 1))
+    if op == "HardSigmoid":
+        alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
+        return lambda x: np.clip(alpha * x + beta, 0.0, 1.0)
+    return _ELEMENTWISE_TABLES.get(op)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _gelu_erf(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _layernorm(x: np.ndarray, gamma, beta, eps) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def _drop_redundant_qdq(model: ir.Model) -> None:
+    """``Q(DQ(q))`` with equal parameters is ``q``: remove such pairs left by lowering."""
+    for node in list(model.graph):
+        if node.op_type != "QuantizeLinear" or node.graph is None:
+            continue
+        source = qdq_source(node.inputs[0])
+        if source is None:
+            continue
+        q, scale, zero, _ = source
+        s2 = const_array(node.inputs[1])
+        z2 = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if s2 is None or z2 is None or np.asarray(scale).size != 1:
+            continue
+        if float(s2) == float(scale) and int(z2) == int(zero) and np.asarray(z2).dtype == np.asarray(zero).dtype:
+            out = node.outputs[0]
+            if out.is_graph_output():
+                continue
+            out.replace_all_uses_with(q)
+
+
+__all__ = ["LowerInteger", "node_label"]
