@@ -129,9 +129,9 @@ class InsertFakeQuant(Pass):
         if any(fmt.bits != 8 or not fmt.signed for _, _, fmt in plan.values()):
             ensure_opset(model, 21)
         names = NameFactory(model.graph)
-        by_id = {id(v): v for v in activation_values(model)}
-        for vid, (scale, zero, _fmt) in plan.items():
-            value = by_id[vid]
+        by_name = {v.name: v for v in activation_values(model)}
+        for name, (scale, zero, _fmt) in plan.items():
+            value = by_name[name]
             insert_qdq(model.graph, names, value, scale, zero, value.producer())
         self._quantize_biases(model, names)
         ir_common.RemoveUnusedNodesPass()(model)
@@ -154,8 +154,8 @@ class InsertFakeQuant(Pass):
 
     # -- activations -------------------------------------------------------------------
 
-    def _plan_activations(self, model, stats, rules, fmt_a, report) -> dict[int, tuple[float, np.ndarray, QFormat]]:
-        """value id -> (scale, zero point, format), for every activation to quantize."""
+    def _plan_activations(self, model, stats, rules, fmt_a, report) -> dict[str, tuple[float, np.ndarray, QFormat]]:
+        """value name -> (scale, zero point, format), for every activation to quantize."""
         derived = input_derived(model)
         internal: set[int] = set()
         for node in model.graph:
@@ -163,6 +163,7 @@ class InsertFakeQuant(Pass):
             if group is not None:
                 internal.update(id(v) for v in group.internal)
         plan: dict[int, tuple[float, np.ndarray, QFormat]] = {}
+        names: dict[int, str] = {}
         ranges: dict[int, tuple[float, float]] = {}
         rows = report.setdefault("activations", [])
         for value in activation_values(model):
@@ -179,6 +180,7 @@ class InsertFakeQuant(Pass):
             source = self._shared_source(producer, plan)
             if source is not None:
                 plan[vid] = plan[source]
+                names[vid] = value.name
                 ranges[vid] = ranges[source]
                 continue
             tensor_stats = stats[value.name]
@@ -203,6 +205,7 @@ class InsertFakeQuant(Pass):
                 sqnr = estimate_sqnr_db(tensor_stats.hist, lo, hi, 2**fmt.bits)
             scale, zero = qparams(np.array(lo), np.array(hi), fmt)
             plan[vid] = (float(scale), zero, fmt)
+            names[vid] = value.name
             ranges[vid] = (float(lo), float(hi))
             rows.append({
                 "tensor": value.name,
@@ -221,7 +224,8 @@ class InsertFakeQuant(Pass):
             mask = self._mask_operand(node, derived, stats)
             if mask is not None and id(node.outputs[0]) in plan:
                 plan[id(mask)] = plan[id(node.outputs[0])]
-        return plan
+                names[id(mask)] = mask.name
+        return {names[vid]: params for vid, params in plan.items()}
 
     @staticmethod
     def _shared_source(producer: ir.Node | None, plan) -> int | None:

@@ -130,7 +130,7 @@ class LowerInteger(Pass):
             if node.graph is not model.graph:
                 continue
             if node.op_type in self.keep_float or any(fnmatch.fnmatchcase(node.name or "", p) for p in self.keep_float):
-                lowering.keep(node, "configured (keep_float)")
+                lowering.keep(node, "configured (keep_float)", group=True)
                 continue
             lowering.lower(node)
         _drop_redundant_qdq(model)
@@ -160,7 +160,12 @@ class _Lowering:
 
     # -- driver --------------------------------------------------------------------
 
-    def keep(self, node: ir.Node, reason: str) -> None:
+    def keep(self, node: ir.Node, reason: str, group: bool = False) -> None:
+        if id(node) in self.done:
+            return
+        members = linear_group(node) if group else None
+        if members is not None:  # the bias add and activation stay with their linear op
+            self.done.update(id(n) for n in (members.bias_add, members.activation) if n is not None)
         if any(is_float(o) for o in node.outputs) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             self.kept.append({"node": node.name, "op": node.op_type, "reason": reason})
 

@@ -1,0 +1,139 @@
+"""insert-fake-quant: QDQ on weights and activations from calibrated ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from builders import cnn_bn, init, make_model, mlp, rng, run, tensor, to_ir
+from qcompiler.calibdata import CalibrationData, input_specs
+from qcompiler.errors import PipelineError
+from qcompiler.graph import get_stage
+from qcompiler.instruments import sqnr_db
+from qcompiler.passmanager import PassContext, run_pipeline
+from qcompiler.pipeline import Pipeline
+
+
+def calibrate(model, shape, n=16, scale=1.0):
+    name = model.graph.inputs[0].name
+    samples = [{name: (rng(i).standard_normal(shape) * scale).astype(np.float32)} for i in range(n)]
+    return PassContext(calibration=CalibrationData.from_samples(samples).bind(input_specs(model)))
+
+
+def ops(model):
+    return [n.op_type for n in model.graph]
+
+
+def test_mlp_gets_qdq_everywhere_and_keeps_accuracy():
+    model = to_ir(mlp())
+    x = rng(99).standard_normal((1, 16)).astype(np.float32)
+    before = run(model, {"x": x})["y"]
+    ctx = calibrate(model, (1, 16))
+    run_pipeline(Pipeline.parse("insert-fake-quant"), model, ctx)
+    assert get_stage(model) == "fakequant"
+    # input, relu output, fc2 output are quantized; matmul outputs inside linear groups are not
+    quantized = sorted(n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear")
+    assert quantized == ["h2", "x", "y_float"]
+    dq = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 3 + 2 + 2  # activations, weights, int32 biases
+    bias = [n for n in dq if n.inputs[0].dtype == ir.DataType.INT32]
+    assert len(bias) == 2
+    after = run(model, {"x": x})["y"]
+    assert sqnr_db(before, after) > 25
+    rows = ctx.report["activations"]
+    assert {r["tensor"] for r in rows} == {"x", "h2", "y"}
+    assert all(r["format"] == "int8:per-tensor:asym" for r in rows)
+
+
+def test_onnxruntime_agrees_within_one_output_step():
+    model = to_ir(cnn_bn())
+    ctx = calibrate(model, (1, 3, 8, 8))
+    run_pipeline(Pipeline.parse("fold-batchnorm,insert-fake-quant"), model, ctx)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options)
+    step = next(r["scale"] for r in ctx.report["activations"] if r["tensor"] == "y")
+    for i in range(5):
+        x = rng(100 + i).standard_normal((1, 3, 8, 8)).astype(np.float32)
+        ours = run(model, {"x": x})["y"]
+        theirs = session.run(None, {"x": x})[0]
+        assert np.abs(ours - theirs).max() <= step * 1.001
+
+
+def test_outlier_tensor_is_widened_to_16_bits():
+    # A rare outlier (1 value in 1024): min-max int8 steps swamp the bulk of the data.
+    model = to_ir(mlp())
+    samples = []
+    for i in range(64):
+        x = rng(i).standard_normal((1, 16)).astype(np.float32)
+        if i == 0:
+            x[0, 3] = 80.0
+        samples.append({"x": x})
+    ctx = PassContext(calibration=CalibrationData.from_samples(samples).bind(input_specs(model)))
+    run_pipeline(Pipeline.parse("insert-fake-quant{method=minmax,wide_below_db=30.0}"), model, ctx)
+    formats = {r["tensor"]: r for r in ctx.report["activations"]}
+    assert formats["x"]["format"] == "int16:per-tensor:asym"
+    assert formats["x"]["est_sqnr_db"] > 30
+    assert formats["h2"]["format"] == "int8:per-tensor:asym"  # h2 stays 8-bit: no outlier there
+
+
+def test_overrides_and_keep_float():
+    model = to_ir(mlp())
+    ctx = calibrate(model, (1, 16))
+    run_pipeline(Pipeline.parse('insert-fake-quant{overrides="fc2=float;Relu=a:int16:per-tensor"}'), model, ctx)
+    weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT8 and n.inputs[0].const_value is not None]
+    assert len(weights) == 1  # fc2 keeps its float weight
+    assert {"node": "fc2", "op": "MatMul", "reason": "configured (override float)"} in ctx.report["kept_float"]
+    relu = next(r for r in ctx.report["activations"] if r["op"] == "Relu")
+    assert relu["format"] == "int16:per-tensor"
+
+
+def test_additive_mask_saturates_instead_of_setting_the_range():
+    # scores + mask, where the mask comes from an integer input: 0 or -3.4e38
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["scores"]),
+        helper.make_node("Cast", ["keep"], ["keep_b"], to=9),
+        helper.make_node("Where", ["keep_b", "zero", "neg"], ["mask"]),
+        helper.make_node("Add", ["scores", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["y"], axis=-1),
+    ]
+    inits = [init("w", rng(5).standard_normal((4, 6)).astype(np.float32)), init("zero", np.array(0.0, np.float32)),
+             init("neg", np.array(-3.4e38, np.float32))]
+    model = to_ir(make_model(nodes, [tensor("x", [1, 4]), tensor("keep", [1, 6], 7)], [tensor("y", [1, 6])], inits))
+    keep = np.array([[1, 1, 1, 1, 0, 0]], np.int64)
+    samples = [{"x": rng(i).standard_normal((1, 4)).astype(np.float32), "keep": keep} for i in range(8)]
+    ctx = PassContext(calibration=CalibrationData.from_samples(samples).bind(input_specs(model)))
+    x = rng(50).standard_normal((1, 4)).astype(np.float32)
+    before = run(model, {"x": x, "keep": keep})["y"]
+    run_pipeline(Pipeline.parse("insert-fake-quant"), model, ctx)
+    masked = next(r for r in ctx.report["activations"] if r["tensor"] == "masked")
+    assert masked["method"].startswith("masked add")
+    assert masked["range"][0] > -100  # not -3.4e38
+    after = run(model, {"x": x, "keep": keep})["y"]
+    assert np.abs(after - before).max() < 0.02
+    assert after[0, 4:].max() < 1e-3  # masked positions stay ~0
+
+
+def test_does_not_fire_without_float_activations_or_twice():
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["y"])]
+    model = to_ir(make_model(nodes, [tensor("ids", [3], 7)], [tensor("y", [3, 2], 7)], [init("table", np.arange(8, dtype=np.int64).reshape(4, 2))]))
+    ctx = PassContext(calibration=CalibrationData.from_samples([{"ids": np.array([0, 1, 2])}]).bind(input_specs(model)))
+    run_pipeline(Pipeline.parse("insert-fake-quant"), model, ctx)
+    assert ops(model) == ["Gather"]
+    quantized = to_ir(mlp())
+    run_pipeline(Pipeline.parse("insert-fake-quant"), quantized, calibrate(quantized, (1, 16)))
+    with pytest.raises(PipelineError, match="works on the float stage"):
+        run_pipeline(Pipeline.parse("insert-fake-quant"), quantized, calibrate(quantized, (1, 16)))
+
+
+def test_needs_calibration_and_valid_options():
+    model = to_ir(mlp())
+    with pytest.raises(PipelineError, match="needs calibration data"):
+        run_pipeline(Pipeline.parse("insert-fake-quant"), model, PassContext())
+    with pytest.raises(PipelineError, match="per-tensor"):
+        Pipeline.parse("insert-fake-quant{activations=int8:per-channel}")
+    with pytest.raises(PipelineError, match="SELECTOR=SPEC"):
+        Pipeline.parse('insert-fake-quant{overrides="Softmax"}')

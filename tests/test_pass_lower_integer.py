@@ -1,0 +1,189 @@
+"""lower-integer: QDQ graphs become integer-only graphs with the same numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from builders import init, make_model, mlp, rng, run, tensor, to_ir
+from qcompiler.calibdata import CalibrationData, input_specs
+from qcompiler.graph import get_stage
+from qcompiler.instruments import sqnr_db
+from qcompiler.integer_check import first_float_compute
+from qcompiler.passmanager import PassContext, run_pipeline
+from qcompiler.pipeline import Pipeline
+
+
+def cnn_relu6():
+    r = rng(7)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1),
+    ]
+    inits = [
+        init("w1", r.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.4), init("b1", r.standard_normal(8).astype(np.float32) * 0.1),
+        init("zero", np.array(0.0, np.float32)), init("six", np.array(6.0, np.float32)),
+        init("w2", r.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2), init("b2", r.standard_normal(8).astype(np.float32) * 0.1),
+        init("wf", r.standard_normal((10, 8)).astype(np.float32) * 0.5), init("bf", r.standard_normal(10).astype(np.float32) * 0.1),
+    ]
+    return make_model(nodes, [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 10])], inits)
+
+
+def attention_block(d=16, t=8):
+    """LayerNorm → Q,K,V → softmax(QKᵀ/√d)V → out proj → residual → LayerNorm → GELU MLP."""
+    r = rng(11)
+    w = lambda *s: init(f"w{len(inits)}", (r.standard_normal(s) / np.sqrt(s[0])).astype(np.float32))  # noqa: E731
+    inits = []
+    names = {}
+    for key, shape in (("q", (d, d)), ("k", (d, d)), ("v", (d, d)), ("o", (d, d)), ("up", (d, 2 * d)), ("down", (2 * d, d))):
+        tensor_init = w(*shape)
+        tensor_init.name = f"w_{key}"
+        inits.append(tensor_init)
+        names[key] = tensor_init.name
+    inits += [init("g1", r.uniform(0.5, 1.5, d).astype(np.float32)), init("be1", r.standard_normal(d).astype(np.float32) * 0.1),
+              init("g2", r.uniform(0.5, 1.5, d).astype(np.float32)), init("be2", r.standard_normal(d).astype(np.float32) * 0.1),
+              init("scale", np.array(1 / np.sqrt(d), np.float32)), init("bup", r.standard_normal(2 * d).astype(np.float32) * 0.1)]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g1", "be1"], ["n1"], axis=-1),
+        helper.make_node("MatMul", ["n1", "w_q"], ["q"]),
+        helper.make_node("MatMul", ["n1", "w_k"], ["k"]),
+        helper.make_node("MatMul", ["n1", "w_v"], ["v"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s0"]),
+        helper.make_node("Mul", ["s0", "scale"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["a"]),
+        helper.make_node("MatMul", ["a", "w_o"], ["o"]),
+        helper.make_node("Add", ["o", "x"], ["res"]),
+        helper.make_node("LayerNormalization", ["res", "g2", "be2"], ["n2"], axis=-1),
+        helper.make_node("MatMul", ["n2", "w_up"], ["u0"]),
+        helper.make_node("Add", ["u0", "bup"], ["u"]),
+        helper.make_node("Gelu", ["u"], ["gl"]),
+        helper.make_node("MatMul", ["gl", "w_down"], ["dn"]),
+        helper.make_node("Add", ["dn", "n2"], ["y"]),
+    ]
+    return make_model(nodes, [tensor("x", [1, t, d])], [tensor("y", [1, t, d])], inits, opset=20)
+
+
+def quantize(model, shape, spec, n=32, scale=1.0):
+    name = model.graph.inputs[0].name
+    samples = [{name: (rng(i).standard_normal(shape) * scale).astype(np.float32)} for i in range(n)]
+    ctx = PassContext(calibration=CalibrationData.from_samples(samples).bind(input_specs(model)))
+    run_pipeline(Pipeline.parse(spec), model, ctx)
+    return ctx
+
+
+def check_lowering(proto, shape, spec="insert-fake-quant", min_db=25.0):
+    model = to_ir(proto)
+    feeds = [{model.graph.inputs[0].name: rng(500 + i).standard_normal(shape).astype(np.float32)} for i in range(4)]
+    float_out = [run(model, f) for f in feeds]
+    ctx = quantize(model, shape, spec)
+    fake = [run(model, f) for f in feeds]
+    run_pipeline(Pipeline.parse("lower-integer"), model, ctx)
+    assert get_stage(model) == "integer"
+    assert first_float_compute(model) is None
+    out = [run(model, f) for f in feeds]
+    name = model.graph.outputs[0].name
+    for f, q, i in zip(float_out, fake, out):
+        assert sqnr_db(q[name], i[name]) > min_db  # integer arithmetic ≈ its fake-quant model
+        assert sqnr_db(f[name], i[name]) > min_db - 5
+    return model, ctx
+
+
+def op_counts(model):
+    counts = {}
+    for n in model.graph:
+        key = f"{n.domain}.{n.op_type}" if n.domain else n.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_mlp_becomes_integer_matmuls():
+    model, ctx = check_lowering(mlp(), (1, 16), min_db=30)
+    counts = op_counts(model)
+    assert counts["MatMulInteger"] == 2 and counts["qcompiler.Requantize"] == 2
+    assert counts["QuantizeLinear"] == 1 and counts["DequantizeLinear"] == 1  # boundaries only
+    assert "MatMul" not in counts and "Relu" not in counts  # ReLU fused into the requantize clamp
+    assert ctx.report["integer_lowering"]["kept_float"] == []
+
+
+def test_cnn_with_relu6_pooling_and_gemm():
+    model, _ = check_lowering(cnn_relu6(), (1, 3, 8, 8), min_db=25)
+    counts = op_counts(model)
+    assert counts["ConvInteger"] == 2 and counts["MatMulInteger"] == 1
+    assert counts["MaxPool"] == 1 and counts["ReduceSum"] == 1
+    clip = [n for n in model.graph if n.op_type == "Requantize" and "qmax" in n.attributes]
+    assert clip, "ReLU6 becomes a requantize upper bound"
+
+
+def test_attention_block_with_integer_nonlinearities():
+    model, ctx = check_lowering(attention_block(), (1, 8, 16), spec="insert-fake-quant{wide_below_db=30.0}", min_db=20)
+    counts = op_counts(model)
+    for op in ("qcompiler.IntSoftmax", "qcompiler.IntLayerNorm", "qcompiler.IntAdd"):
+        assert counts.get(op, 0) >= 1, op
+    assert counts.get("qcompiler.IntGELU", 0) + counts.get("qcompiler.IntLookup", 0) == 1
+    variants = ctx.report["integer_lowering"]["variants"]
+    softmax = next(v for v in variants if v["op"] == "Softmax")
+    assert set(softmax["errors"]) >= {"linear", "ibert"} and softmax["chosen"] in softmax["errors"]
+
+
+def test_softmax_variant_can_be_forced():
+    model = to_ir(attention_block())
+    ctx = quantize(model, (1, 8, 16), "insert-fake-quant,lower-integer{softmax=linear}")
+    node = next(n for n in model.graph if n.op_type == "IntSoftmax")
+    assert node.attributes["variant"].as_string() == "linear"
+
+
+def test_large_int16_sums_use_int64_accumulators():
+    k = 512
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [tensor("x", [1, k])], [tensor("y", [1, 4])],
+                       [init("w", np.full((k, 4), 0.5, np.float32))])
+    model = to_ir(proto)
+    quantize(model, (1, k), "insert-fake-quant{activations=int16:per-tensor:asym}")
+    ctx = PassContext()
+    run_pipeline(Pipeline.parse("lower-integer"), model, ctx)
+    (acc,) = ctx.report["integer_lowering"]["accumulators"]
+    assert acc["accumulator"] == "int64" and acc["bound"] >= 2**31
+    node = next(n for n in model.graph if n.op_type == "IntMatMul")
+    assert node.attributes["acc_type"].as_string() == "int64"
+
+
+def test_does_not_lower_what_has_no_integer_form():
+    model = to_ir(mlp())
+    ctx = quantize(model, (1, 16), "insert-fake-quant{weights=int4:per-group:8},lower-integer")
+    kept = ctx.report["integer_lowering"]["kept_float"]
+    assert kept and all("per-group" in k["reason"] for k in kept)
+    assert first_float_compute(model) is not None  # an integer-only target will refuse it
+    model = to_ir(mlp())
+    ctx = quantize(model, (1, 16), "insert-fake-quant,lower-integer{keep_float=fc2;}")
+    assert [k["node"] for k in ctx.report["integer_lowering"]["kept_float"]] == ["fc2"]
+
+
+@pytest.mark.slow
+def test_minilm_w8a8_integer_stage_accuracy(minilm_dynamo):
+    import onnxruntime as ort
+
+    import qcompiler
+    from qcompiler.examples import minilm
+
+    model = qcompiler.load_onnx(minilm_dynamo)
+    calib, evaluation = minilm.calibration_and_eval_sentences(16, 12)
+    data = CalibrationData.from_arrays(minilm.tokenize(calib)).bind(input_specs(model))
+    from qcompiler.presets import PRESETS
+
+    ctx = PassContext(calibration=data)
+    run_pipeline(Pipeline.parse(PRESETS["w8a8"].spec), model, ctx)
+    assert get_stage(model) == "integer" and first_float_compute(model) is None
+    tokens = minilm.tokenize(evaluation)
+    session = ort.InferenceSession(str(minilm_dynamo))
+    reference = minilm.embed_with(lambda f: session.run(None, f)[0], tokens)
+    interpreter = qcompiler.ReferenceInterpreter(model)
+    ours = minilm.embed_with(lambda f: interpreter.run(f)["last_hidden_state"], tokens)
+    assert minilm.mean_cosine(reference, ours) > 0.985
