@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,6 +82,34 @@ def node_config(node: ir.Node | None, rules: list[Rule], default_a: QFormat, def
     return keep, fmt_a, fmt_w
 
 
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """How one activation tensor is quantized; ``group`` names the tensor whose
+    parameters it shares (transparent ops, masks), ``ranges`` the range per bit width."""
+
+    tensor: str
+    group: str
+    fmt: QFormat
+    ranges: dict
+
+    def qparams(self, bits: int | None = None) -> tuple[float, np.ndarray]:
+        fmt = self.fmt if bits is None else dataclasses.replace(self.fmt, bits=bits)
+        lo, hi = self.ranges[fmt.bits]
+        scale, zero = qparams(np.array(lo), np.array(hi), fmt)
+        return float(scale), zero
+
+    def annotate(self, quantize: ir.Node) -> None:
+        """Record the group and ranges on the QuantizeLinear so later passes can re-plan bits."""
+        quantize.metadata_props[GROUP_KEY] = self.group
+        quantize.metadata_props[RANGES_KEY] = json.dumps({str(b): list(r) for b, r in self.ranges.items()})
+        quantize.metadata_props[FORMAT_KEY] = str(self.fmt)
+
+
+GROUP_KEY = "qcompiler.qgroup"
+RANGES_KEY = "qcompiler.ranges"
+FORMAT_KEY = "qcompiler.format"
+
+
 @dataclass(frozen=True)
 class InsertFakeQuant(Pass):
     """Insert QDQ for weights and activations (static ranges from calibration)."""
@@ -117,6 +146,7 @@ class InsertFakeQuant(Pass):
             if keep:
                 kept.append({"node": node.name, "op": node.op_type, "reason": "configured (override float)"})
 
+        ctx.snapshots["float"] = ir.to_proto(model)
         stats = None
         if self.activations != "none":
             stats = ctx.analysis(ActivationStats(max_samples=self.samples or None), model)
@@ -126,14 +156,16 @@ class InsertFakeQuant(Pass):
             return changed
         fmt_a = QFormat.parse(self.activations)
         plan = self._plan_activations(model, stats, rules, fmt_a, report)
-        if any(fmt.bits != 8 or not fmt.signed for _, _, fmt in plan.values()):
+        if any(a.fmt.bits != 8 or not a.fmt.signed for a in plan.values()):
             ensure_opset(model, 21)
         names = NameFactory(model.graph)
         by_name = {v.name: v for v in activation_values(model)}
-        for name, (scale, zero, _fmt) in plan.items():
+        for name, assignment in plan.items():
             value = by_name[name]
-            insert_qdq(model.graph, names, value, scale, zero, value.producer())
-        self._quantize_biases(model, names)
+            scale, zero = assignment.qparams()
+            dq = insert_qdq(model.graph, names, value, scale, zero, value.producer())
+            assignment.annotate(dq.inputs[0].producer())
+        quantize_biases(model, names)
         ir_common.RemoveUnusedNodesPass()(model)
         return True
 
@@ -154,17 +186,15 @@ class InsertFakeQuant(Pass):
 
     # -- activations -------------------------------------------------------------------
 
-    def _plan_activations(self, model, stats, rules, fmt_a, report) -> dict[str, tuple[float, np.ndarray, QFormat]]:
-        """value name -> (scale, zero point, format), for every activation to quantize."""
+    def _plan_activations(self, model, stats, rules, fmt_a, report) -> dict[str, Assignment]:
+        """value name -> its quantization, for every activation to quantize."""
         derived = input_derived(model)
         internal: set[int] = set()
         for node in model.graph:
             group = linear_group(node)
             if group is not None:
                 internal.update(id(v) for v in group.internal)
-        plan: dict[int, tuple[float, np.ndarray, QFormat]] = {}
-        names: dict[int, str] = {}
-        ranges: dict[int, tuple[float, float]] = {}
+        plan: dict[int, Assignment] = {}
         rows = report.setdefault("activations", [])
         for value in activation_values(model):
             vid = id(value)
@@ -179,34 +209,19 @@ class InsertFakeQuant(Pass):
             _, fmt, _ = node_config(producer, rules, fmt_a, QFormat())
             source = self._shared_source(producer, plan)
             if source is not None:
-                plan[vid] = plan[source]
-                names[vid] = value.name
-                ranges[vid] = ranges[source]
+                plan[vid] = dataclasses.replace(plan[source], tensor=value.name)
                 continue
             tensor_stats = stats[value.name]
-            how = self.method
-            if producer is not None and producer.op_type in BOUNDED_RANGES:
-                lo, hi = BOUNDED_RANGES[producer.op_type]
-                how = "bounded"
-            else:
-                lo, hi = tensor_stats.range(self.method, fmt, self.percentile)
-                mask = self._mask_operand(producer, derived, stats)
-                if mask is not None:
-                    other = producer.inputs[0] if producer.inputs[1] is mask else producer.inputs[1]
-                    if id(other) in ranges:
-                        lo, hi = ranges[id(other)]
-                        how = "masked add: range of the unmasked operand"
-            sqnr = estimate_sqnr_db(tensor_stats.hist, lo, hi, 2**fmt.bits) if how != "bounded" else float("inf")
+            ranges, how = self._ranges(value, producer, fmt, tensor_stats, derived, stats, plan)
+            sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[fmt.bits], 2**fmt.bits)
             if self.wide_below_db > 0 and fmt.bits == 8 and sqnr < self.wide_below_db:
                 fmt = dataclasses.replace(fmt, bits=16)
-                if how not in ("bounded",) and not how.startswith("masked"):
-                    lo, hi = tensor_stats.range("minmax", fmt)
-                    how = "minmax (widened to 16 bits)"
-                sqnr = estimate_sqnr_db(tensor_stats.hist, lo, hi, 2**fmt.bits)
-            scale, zero = qparams(np.array(lo), np.array(hi), fmt)
-            plan[vid] = (float(scale), zero, fmt)
-            names[vid] = value.name
-            ranges[vid] = (float(lo), float(hi))
+                how += " (widened to 16 bits)"
+                sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[16], 2**16)
+            assignment = Assignment(value.name, value.name, fmt, ranges)
+            plan[vid] = assignment
+            lo, hi = ranges[fmt.bits]
+            scale, zero = assignment.qparams()
             rows.append({
                 "tensor": value.name,
                 "producer": producer.name if producer is not None else "(input)",
@@ -219,13 +234,32 @@ class InsertFakeQuant(Pass):
                 "zero_point": int(zero),
                 "est_sqnr_db": round(float(sqnr), 2),
             })
-        # Additive masks take the parameters of the sum they feed (they saturate to qmin).
+        # An additive mask (0 or a huge negative) gets the range [−2·span, 0], span = the widest
+        # range of the sums it feeds: masked positions then saturate every sum to its minimum.
+        spans: dict[int, tuple[ir.Value, float]] = {}
         for node in model.graph:
             mask = self._mask_operand(node, derived, stats)
             if mask is not None and id(node.outputs[0]) in plan:
-                plan[id(mask)] = plan[id(node.outputs[0])]
-                names[id(mask)] = mask.name
-        return {names[vid]: params for vid, params in plan.items()}
+                span = max(hi - lo for lo, hi in plan[id(node.outputs[0])].ranges.values())
+                spans[id(mask)] = (mask, max(span, spans.get(id(mask), (mask, 0.0))[1]))
+        for mask, span in spans.values():
+            bottom = (-2.0 * span, 0.0)
+            plan[id(mask)] = Assignment(mask.name, mask.name, fmt_a, {8: bottom, 16: bottom})
+        return {a.tensor: a for a in plan.values()}
+
+    def _ranges(self, value, producer, fmt, tensor_stats, derived, stats, plan) -> tuple[dict[int, tuple[float, float]], str]:
+        """Ranges for 8 and 16 bits (the chosen method at 8 bits, min-max at 16), and how."""
+        if producer is not None and producer.op_type in BOUNDED_RANGES:
+            bounded = BOUNDED_RANGES[producer.op_type]
+            return {8: bounded, 16: bounded}, "bounded"
+        mask = self._mask_operand(producer, derived, stats)
+        if mask is not None:
+            other = producer.inputs[0] if producer.inputs[1] is mask else producer.inputs[1]
+            if id(other) in plan:
+                return dict(plan[id(other)].ranges), "masked add: range of the unmasked operand"
+        narrow = tensor_stats.range(self.method, dataclasses.replace(fmt, bits=8), self.percentile)
+        wide = tensor_stats.range("minmax", dataclasses.replace(fmt, bits=16))
+        return {8: tuple(map(float, narrow)), 16: tuple(map(float, wide))}, self.method if fmt.bits == 8 else "minmax"
 
     @staticmethod
     def _shared_source(producer: ir.Node | None, plan) -> int | None:
@@ -249,63 +283,74 @@ class InsertFakeQuant(Pass):
                     return mask
         return None
 
-    # -- biases ------------------------------------------------------------------------
 
-    @staticmethod
-    def _quantize_biases(model: ir.Model, names: NameFactory) -> None:
-        """Bias of a quantized linear → DequantizeLinear(int32, s_x·s_w): what integer hardware adds."""
-        from qcompiler.qdq import qdq_source
 
-        for node in list(model.graph):
-            group = linear_group(node)
-            if group is None:
+def quantize_biases(model: ir.Model, names: NameFactory | None = None) -> None:
+    """Bias of a quantized linear → DequantizeLinear(int32, s_x·s_w): what integer hardware adds.
+
+    Idempotent: an int32 bias whose scale no longer matches ``s_x·s_w`` (after a pass
+    changed the activation's parameters) is re-quantized from its value.
+    """
+    from qcompiler.qdq import constant_value, qdq_source
+
+    names = names or NameFactory(model.graph)
+    for node in list(model.graph):
+        group = linear_group(node)
+        if group is None:
+            continue
+        x = qdq_source(node.inputs[0])
+        w = qdq_source(node.inputs[1])
+        if x is None or w is None or w[1].ndim > 1:
+            continue
+        s_w = np.asarray(w[1], np.float64)
+        s_x = float(x[1])
+        if group.bias_add is not None:
+            add = group.bias_add
+            slot = 1 if add.inputs[0] is node.outputs[0] else 0
+            bias_value = add.inputs[slot]
+        elif node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2] is not None:
+            add, slot, bias_value = node, 2, node.inputs[2]
+        else:
+            continue
+        existing = qdq_source(bias_value)
+        if existing is not None:
+            if existing[0].dtype != ir.DataType.INT32:
                 continue
-            x = qdq_source(node.inputs[0])
-            w = qdq_source(node.inputs[1])
-            if x is None or w is None or w[1].ndim > 1:
-                continue
-            s_w = np.asarray(w[1], np.float64)
-            s_x = float(x[1])
-            if group.bias_add is not None:
-                add = group.bias_add
-                slot = 1 if add.inputs[0] is node.outputs[0] else 0
-                bias_value = add.inputs[slot]
-            elif node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2] is not None:
-                add, slot, bias_value = node, 2, node.inputs[2]
-            else:
-                continue
-            bias = const_array(bias_value)
-            if bias is None or bias.dtype != np.float32:
-                continue
-            channels = bias.shape
-            scale = (s_x * s_w).astype(np.float32)
-            if scale.size > 1:
-                scale = scale.reshape(-1)
-            flat = bias.reshape(-1) if bias.size == scale.size or scale.size == 1 else None
-            if flat is None:
-                continue
-            q = np.clip(np.round(flat / scale), -(2**31), 2**31 - 1).astype(np.int32)
-            base = bias_value.name or "bias"
-            qv = add_initializer(model.graph, names(f"{base}_q32"), q)
-            sv = add_initializer(model.graph, names(f"{base}_q32_scale"), scale)
-            zv = add_initializer(model.graph, names(f"{base}_q32_zero_point"), np.zeros(scale.shape, np.int32))
-            attrs = {"axis": 0} if scale.size > 1 else {}
-            dq = ir.node("DequantizeLinear", [qv, sv, zv], attrs, name=names(f"{base}_dequantize"))
-            dq.outputs[0].name = names(f"{base}_dq")
-            dq.outputs[0].dtype = ir.DataType.FLOAT
-            dq.outputs[0].shape = ir.Shape([q.size])
-            out = dq.outputs[0]
-            if channels != (q.size,):
-                shape = add_initializer(model.graph, names(f"{base}_shape"), np.array(channels, np.int64))
-                reshape = ir.node("Reshape", [out, shape], name=names(f"{base}_reshape"))
-                reshape.outputs[0].name = names(f"{base}_dq_shaped")
-                reshape.outputs[0].dtype = ir.DataType.FLOAT
-                reshape.outputs[0].shape = ir.Shape(channels)
-                model.graph.insert_before(add, [dq, reshape])
-                out = reshape.outputs[0]
-            else:
-                model.graph.insert_before(add, dq)
-            add.replace_input_with(slot, out)
+            if np.allclose(np.asarray(existing[1], np.float64).reshape(-1), (s_x * s_w).reshape(-1), rtol=1e-7):
+                continue  # already quantized with the current scales
+        bias = constant_value(bias_value)
+        if bias is None:
+            continue
+        bias = bias.astype(np.float32)
+        channels = bias.shape
+        scale = (s_x * s_w).astype(np.float32)
+        if scale.size > 1:
+            scale = scale.reshape(-1)
+        flat = bias.reshape(-1) if bias.size == scale.size or scale.size == 1 else None
+        if flat is None:
+            continue
+        q = np.clip(np.round(flat / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = bias_value.name or "bias"
+        qv = add_initializer(model.graph, names(f"{base}_q32"), q)
+        sv = add_initializer(model.graph, names(f"{base}_q32_scale"), scale)
+        zv = add_initializer(model.graph, names(f"{base}_q32_zero_point"), np.zeros(scale.shape, np.int32))
+        attrs = {"axis": 0} if scale.size > 1 else {}
+        dq = ir.node("DequantizeLinear", [qv, sv, zv], attrs, name=names(f"{base}_dequantize"))
+        dq.outputs[0].name = names(f"{base}_dq")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape([q.size])
+        out = dq.outputs[0]
+        if channels != (q.size,):
+            shape = add_initializer(model.graph, names(f"{base}_shape"), np.array(channels, np.int64))
+            reshape = ir.node("Reshape", [out, shape], name=names(f"{base}_reshape"))
+            reshape.outputs[0].name = names(f"{base}_dq_shaped")
+            reshape.outputs[0].dtype = ir.DataType.FLOAT
+            reshape.outputs[0].shape = ir.Shape(channels)
+            model.graph.insert_before(add, [dq, reshape])
+            out = reshape.outputs[0]
+        else:
+            model.graph.insert_before(add, dq)
+        add.replace_input_with(slot, out)
 
 
 def describe_unquantized(model: ir.Model) -> list[str]:

@@ -1,0 +1,304 @@
+"""``allocate-bits``: mixed precision from measured sensitivity under a budget.
+
+On the fake-quant model, for each weight layer ``l`` the output noise ``N_l(4)`` is
+measured with only that layer at 4 bits (every other layer as it is), on calibration
+samples, against the float model. Under the uniform-noise model
+``N_l(b) ≈ α_l σ_l² · 2^(−2b)``, so ``α_l σ_l² ≈ N_l(4) · 2^8``, and seed 003's
+Theorem 8 gives the closed-form allocation
+
+    b_l = ½ · log2(α_l σ_l² / (λ · n_l))
+
+(``n_l`` parameters of layer ``l``; ``λ`` chosen by bisection so the parameter-weighted
+average meets the budget). That continuous solution ranks the layers; they are then
+rounded to {4, 8}: the layers with the lowest closed-form ``b_l`` go to 4 bits until
+the budget is met, and the result is measured.
+
+Activations: each quantized activation (group of tensors sharing parameters) is
+measured at 8 bits with every other activation at 16 (added output noise ``ΔN_t``);
+the most harmful get 16 bits until the 8-bit ones add at most
+``act_noise_ratio`` × the all-16-bit noise. This finds the
+tensors that need int16 (norm inputs, residual sums with outlier channels, softmax
+inputs) from data rather than by op type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompiler.graph import const_array, ensure_opset, set_initializer_array
+from qcompiler.instruments import sqnr_db
+from qcompiler.pipeline import Pass, option
+from qcompiler.quant import QFormat, quantize_weight
+from qcompiler.passes.fake_quant import FORMAT_KEY, GROUP_KEY, RANGES_KEY, quantize_biases
+
+
+class _Evaluator:
+    """Runs variants of a QDQ model on a few samples (onnxruntime) and scores them
+    against the float model's outputs (SQNR over all outputs, in dB)."""
+
+    def __init__(self, model: ir.Model, float_proto: onnx.ModelProto, samples: list[dict]):
+        self.samples = samples
+        reference = self._session(float_proto)
+        self.outputs = [o.name for o in float_proto.graph.output]
+        self.reference = [np.concatenate([np.ravel(a) for a in reference.run(None, s)]) for s in samples]
+        self.model = model
+
+    @staticmethod
+    def _session(proto: onnx.ModelProto):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def score(self) -> tuple[float, float]:
+        """``(SQNR dB, noise power)`` of the current model against float."""
+        session = self._session(ir.to_proto(self.model))
+        outs = [np.concatenate([np.ravel(a) for a in session.run(None, s)]) for s in self.samples]
+        ref = np.concatenate(self.reference)
+        got = np.concatenate(outs)
+        return sqnr_db(ref, got), float(np.mean((ref.astype(np.float64) - got) ** 2))
+
+
+@dataclasses.dataclass
+class _WeightLayer:
+    node: ir.Node
+    dq: ir.Node
+    slot: tuple[int, int, int]
+    float_weight: np.ndarray
+    params: int
+    bits: int = 8
+
+
+class _ActivationGroup:
+    """QuantizeLinear nodes that share one set of parameters (and its range per bit width)."""
+
+    def __init__(self, name: str, quantizes: list[ir.Node]):
+        self.name = name
+        self.quantizes = quantizes
+        first = quantizes[0]
+        self.ranges = {int(b): tuple(r) for b, r in json.loads(first.metadata_props[RANGES_KEY]).items()}
+        self.fmt = QFormat.parse(first.metadata_props[FORMAT_KEY])
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    def set_bits(self, bits: int) -> None:
+        """Switch every Q/DQ of the group to ``bits`` (new scale, zero point and types)."""
+        from qcompiler.quant import qparams
+
+        fmt = dataclasses.replace(self.fmt, bits=bits)
+        lo, hi = self.ranges[bits]
+        scale, zero = qparams(np.array(lo), np.array(hi), fmt)
+        for q in self.quantizes:
+            set_initializer_array(q.inputs[1], np.array(scale, np.float32))
+            set_initializer_array(q.inputs[2], np.asarray(zero).reshape(()))
+            q.outputs[0].dtype = ir.DataType.from_numpy(fmt.dtype)
+            q.metadata_props[FORMAT_KEY] = str(fmt)
+            for use in q.outputs[0].uses():
+                dq = use.node
+                if dq.op_type == "DequantizeLinear" and dq.inputs[1] is not q.inputs[1]:
+                    set_initializer_array(dq.inputs[1], np.array(scale, np.float32))
+                    set_initializer_array(dq.inputs[2], np.asarray(zero).reshape(()))
+        self.fmt = fmt
+
+
+@dataclass(frozen=True)
+class AllocateBits(Pass):
+    """Mixed precision: weight bits in {4, 8} under a budget, int16 activations where data needs them."""
+
+    name = "allocate-bits"
+    stages = ("fakequant",)
+    preserves_numerics = False
+
+    budget: float = option(6.0, "average weight bits (parameter-weighted); 8 = no 4-bit layers")
+    act_noise_ratio: float = option(1.0, "8-bit activations may add at most this × the all-16-bit output noise (negative: leave activations as they are)")
+    samples: int = option(8, "calibration samples used to measure sensitivity")
+
+    def __post_init__(self):
+        if not 4.0 <= self.budget <= 8.0:
+            raise ValueError("budget is an average weight bit width between 4 and 8")
+
+    def run(self, model: ir.Model, ctx) -> bool:
+        data = ctx.require_calibration(self.name)
+        float_proto = ctx.snapshots.get("float")
+        if float_proto is None:
+            raise ValueError("allocate-bits must run after insert-fake-quant in the same pipeline")
+        samples = []
+        for feeds in data:
+            samples.append(feeds)
+            if len(samples) >= self.samples:
+                break
+        evaluator = _Evaluator(model, float_proto, samples)
+        report = ctx.report.setdefault("mixed_precision", {})
+        report["start_sqnr_db"] = round(evaluator.score()[0], 2)
+        changed = False
+        if self.act_noise_ratio >= 0:
+            changed |= self._activations(model, evaluator, report)
+        changed |= self._weights(model, evaluator, report)
+        quantize_biases(model)
+        report["final_sqnr_db"] = round(evaluator.score()[0], 2)
+        ctx.log(f"allocate-bits: SQNR {report['start_sqnr_db']} -> {report['final_sqnr_db']} dB")
+        return changed
+
+    # -- activations ------------------------------------------------------------------------
+
+    def _activations(self, model, evaluator: _Evaluator, report) -> bool:
+        groups: dict[str, list[ir.Node]] = {}
+        for node in model.graph:
+            if node.op_type == "QuantizeLinear" and GROUP_KEY in node.metadata_props:
+                groups.setdefault(node.metadata_props[GROUP_KEY], []).append(node)
+        candidates = [_ActivationGroup(name, nodes) for name, nodes in groups.items()]
+        candidates = [g for g in candidates if 8 in g.ranges and 16 in g.ranges]
+        original = {g.name: g.bits for g in candidates}
+        for group in candidates:
+            group.set_bits(16)
+        _, base_noise = evaluator.score()
+        added = []
+        for group in candidates:
+            group.set_bits(8)
+            sqnr, noise = evaluator.score()
+            group.set_bits(16)
+            added.append((max(noise - base_noise, 0.0), sqnr, group))
+        # Most harmful first: 16 bits until the 8-bit tensors add at most act_noise_ratio × the
+        # noise of the all-16-bit configuration.
+        added.sort(key=lambda item: -item[0])
+        remaining = sum(n for n, _, _ in added)
+        allowance = self.act_noise_ratio * base_noise
+        wide = []
+        for noise, sqnr, group in added:
+            if remaining > allowance:
+                remaining -= noise
+                wide.append({"tensor": group.name, "added_noise": noise, "sqnr_db_at_8_bits": round(sqnr, 2)})
+            else:
+                group.set_bits(8)
+        report["int16_activations"] = wide
+        report["activation_sensitivity"] = [
+            {"tensor": g.name, "added_noise": n, "sqnr_db_at_8_bits": round(s, 2)} for n, s, g in added
+        ]
+        return any(original[g.name] != g.bits for g in candidates)
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def _weights(self, model, evaluator: _Evaluator, report) -> bool:
+        layers = self._weight_layers(model)
+        if not layers:
+            return False
+        _, base_noise = evaluator.score()
+        for layer in layers:
+            self._set_weight_bits(layer, 4)
+            _, noise = evaluator.score()
+            self._set_weight_bits(layer, 8)
+            layer.noise4 = max(noise - base_noise, 1e-30)
+        # Theorem 8: b_l = ½·log2(α_l σ_l² / (λ n_l)), α_l σ_l² ≈ N_l(4)·2^8.
+        strength = np.array([l.noise4 * 2.0**8 for l in layers])
+        params = np.array([l.params for l in layers], dtype=np.float64)
+        target = self.budget * params.sum()
+
+        def bits_for(lam: float) -> np.ndarray:
+            return np.clip(0.5 * np.log2(strength / (lam * params)), 4.0, 8.0)
+
+        lo, hi = 1e-40, 1e40
+        for _ in range(200):
+            mid = math.sqrt(lo * hi)
+            if float((bits_for(mid) * params).sum()) > target:
+                lo = mid
+            else:
+                hi = mid
+        continuous = bits_for(hi)
+        order = np.argsort(continuous, kind="stable")
+        total = 8.0 * params.sum()
+        for index in order:
+            if total <= target + 1e-9:
+                break
+            layers[index].bits = 4
+            total -= 4.0 * params[index]
+        for layer in layers:
+            self._set_weight_bits(layer, layer.bits)
+        four = [l for l in layers if l.bits == 4]
+        if four:  # store 4-bit weights as INT4 (opset 21) so the model really is smaller
+            ensure_opset(model, 21)
+            for node in model.graph:
+                if node.op_type == "DequantizeLinear" and node.metadata_props.get("qcompiler.weight_bits") == "4":
+                    for value in node.inputs[0], node.inputs[2]:
+                        set_initializer_array(value, const_array(value).astype(ml_dtypes.int4))
+        average = float(sum(l.bits * l.params for l in layers) / params.sum())
+        report["weights"] = [
+            {"node": l.node.name, "params": l.params, "noise_at_4_bits": l.noise4, "theorem8_bits": round(float(c), 3), "bits": l.bits}
+            for l, c in zip(layers, continuous)
+        ]
+        report["average_weight_bits"] = round(average, 3)
+        report["budget"] = self.budget
+        return any(l.bits != 8 for l in layers)
+
+    @staticmethod
+    def _weight_layers(model) -> list[_WeightLayer]:
+        layers = []
+        for node in model.graph:
+            slots = weight_slots_dq(node)
+            for slot in slots:
+                dq = node.inputs[slot[0]].producer()
+                data = const_array(dq.inputs[0])
+                scale = const_array(dq.inputs[1])
+                if data is None or scale is None or "block_size" in dq.attributes:
+                    continue
+                if QFormat().dtype != data.dtype:  # only 8-bit weights are re-planned
+                    continue
+                axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
+                shape = [1] * data.ndim
+                if scale.size > 1:
+                    shape[axis] = -1
+                weight = data.astype(np.float32) * scale.reshape(shape)
+                layers.append(_WeightLayer(node, dq, slot, weight, int(data.size)))
+        return layers
+
+    @staticmethod
+    def _set_weight_bits(layer: _WeightLayer, bits: int) -> None:
+        _, channel_axis, reduce_axis = layer.slot
+        fmt = QFormat(bits=bits, granularity="per-channel")
+        qt = quantize_weight(layer.float_weight, fmt, channel_axis, reduce_axis)
+        dq = layer.dq
+        # Keep int8 storage: 4-bit values fit and the graph's types stay the same.
+        set_initializer_array(dq.inputs[0], qt.data.astype(np.int8))
+        set_initializer_array(dq.inputs[1], np.asarray(qt.scale, np.float32))
+        dq.metadata_props["qcompiler.weight_bits"] = str(bits)
+
+
+def weight_slots_dq(node: ir.Node) -> list[tuple[int, int, int]]:
+    """Weight slots of ``node`` whose weight is a DequantizeLinear of a constant."""
+    from qcompiler.qdq import qdq_source
+
+    if node.op_type not in ("MatMul", "Gemm", "Conv"):
+        return []
+    out = []
+    for index, channel_axis, reduce_axis in _dq_slots(node):
+        source = qdq_source(node.inputs[index])
+        if source is not None and const_array(source[0]) is not None:
+            out.append((index, channel_axis, reduce_axis))
+    return out
+
+
+def _dq_slots(node: ir.Node):
+    """Like ``weight_slots`` but for weights that are already dequantized constants."""
+    op = node.op_type
+    if op == "MatMul":
+        return [(1, -1, -2)]
+    if op == "Gemm":
+        trans_b = node.attributes["transB"].as_int() if "transB" in node.attributes else 0
+        return [(1, 0, 1) if trans_b else (1, 1, 0)]
+    if op == "Conv":
+        return [(1, 0, 1)]
+    return []
+
+
+__all__ = ["AllocateBits"]
