@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,7 +84,9 @@ def node_config(node: ir.Node | None, rules: list[Rule], default_a: QFormat, def
 @dataclasses.dataclass(frozen=True)
 class Assignment:
     """How one activation tensor is quantized; ``group`` names the tensor whose
-    parameters it shares (transparent ops, masks), ``ranges`` the range per bit width."""
+    parameters it shares (transparent ops, masks), ``ranges`` the range per bit width.
+    The plan (tensor name → Assignment) is kept in ``ctx.snapshots["activation_plan"]``
+    so later passes (allocate-bits) can change bit widths."""
 
     tensor: str
     group: str
@@ -98,16 +99,6 @@ class Assignment:
         scale, zero = qparams(np.array(lo), np.array(hi), fmt)
         return float(scale), zero
 
-    def annotate(self, quantize: ir.Node) -> None:
-        """Record the group and ranges on the QuantizeLinear so later passes can re-plan bits."""
-        quantize.metadata_props[GROUP_KEY] = self.group
-        quantize.metadata_props[RANGES_KEY] = json.dumps({str(b): list(r) for b, r in self.ranges.items()})
-        quantize.metadata_props[FORMAT_KEY] = str(self.fmt)
-
-
-GROUP_KEY = "qcompiler.qgroup"
-RANGES_KEY = "qcompiler.ranges"
-FORMAT_KEY = "qcompiler.format"
 
 
 @dataclass(frozen=True)
@@ -121,6 +112,7 @@ class InsertFakeQuant(Pass):
 
     weights: str = option("int8:per-channel", "weight format (int4|int8|int16 : per-tensor|per-channel|per-group[:size])")
     activations: str = option("int8:per-tensor:asym", "activation format, or 'none' for weight-only")
+    weight_method: Literal["mse", "gptq"] = option("mse", "weights: MSE-optimal clipping, or GPTQ error compensation (MatMul/Gemm, per-channel)")
     method: Literal["minmax", "percentile", "mse", "entropy"] = option("mse", "activation range method")
     percentile: float = option(99.99, "percentile for method=percentile")
     wide_below_db: float = option(0.0, "8-bit activations whose estimated SQNR is below this get 16 bits (0: never)")
@@ -163,8 +155,8 @@ class InsertFakeQuant(Pass):
         for name, assignment in plan.items():
             value = by_name[name]
             scale, zero = assignment.qparams()
-            dq = insert_qdq(model.graph, names, value, scale, zero, value.producer())
-            assignment.annotate(dq.inputs[0].producer())
+            insert_qdq(model.graph, names, value, scale, zero, value.producer())
+        ctx.snapshots["activation_plan"] = plan
         quantize_biases(model, names)
         ir_common.RemoveUnusedNodesPass()(model)
         return True
@@ -177,11 +169,15 @@ class InsertFakeQuant(Pass):
             keep, _, node_fmt = node_config(node, rules, QFormat(), fmt_w)
             if not keep and node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
                 groups.setdefault(str(node_fmt), []).append(node.name)
+        hessians = None
+        if self.weight_method == "gptq":
+            from qcompiler.gptq import LinearInputHessians
+
+            hessians = ctx.analysis(LinearInputHessians(max_samples=self.samples or 32), model)
         count = 0
         for text, nodes in groups.items():
-            patterns = tuple(nodes)
             count += quantize_weights(model, ctx, QFormat.parse(text), ("MatMul", "Gemm", "Conv", "ConvTranspose"),
-                                      keep_float=(), only=set(patterns))
+                                      keep_float=(), only=set(nodes), hessians=hessians)
         return count > 0
 
     # -- activations -------------------------------------------------------------------

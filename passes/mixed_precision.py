@@ -24,9 +24,9 @@ inputs) from data rather than by op type.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import ml_dtypes
 import numpy as np
@@ -37,7 +37,7 @@ from qcompiler.graph import const_array, ensure_opset, set_initializer_array
 from qcompiler.instruments import sqnr_db
 from qcompiler.pipeline import Pass, option
 from qcompiler.quant import QFormat, quantize_weight
-from qcompiler.passes.fake_quant import FORMAT_KEY, GROUP_KEY, RANGES_KEY, quantize_biases
+from qcompiler.passes.fake_quant import quantize_biases
 
 
 class _Evaluator:
@@ -82,12 +82,14 @@ class _WeightLayer:
 class _ActivationGroup:
     """QuantizeLinear nodes that share one set of parameters (and its range per bit width)."""
 
-    def __init__(self, name: str, quantizes: list[ir.Node]):
+    def __init__(self, name: str, quantizes: list[ir.Node], assignment):
         self.name = name
         self.quantizes = quantizes
-        first = quantizes[0]
-        self.ranges = {int(b): tuple(r) for b, r in json.loads(first.metadata_props[RANGES_KEY]).items()}
-        self.fmt = QFormat.parse(first.metadata_props[FORMAT_KEY])
+        self.ranges = assignment.ranges
+        self.fmt = QFormat.parse(str(assignment.fmt))
+        dtype = quantizes[0].outputs[0].dtype
+        if dtype is not None and dtype.numpy().itemsize == 2:
+            self.fmt = dataclasses.replace(self.fmt, bits=16)
 
     @property
     def bits(self) -> int:
@@ -104,7 +106,6 @@ class _ActivationGroup:
             set_initializer_array(q.inputs[1], np.array(scale, np.float32))
             set_initializer_array(q.inputs[2], np.asarray(zero).reshape(()))
             q.outputs[0].dtype = ir.DataType.from_numpy(fmt.dtype)
-            q.metadata_props[FORMAT_KEY] = str(fmt)
             for use in q.outputs[0].uses():
                 dq = use.node
                 if dq.op_type == "DequantizeLinear" and dq.inputs[1] is not q.inputs[1]:
@@ -122,8 +123,10 @@ class AllocateBits(Pass):
     preserves_numerics = False
 
     budget: float = option(6.0, "average weight bits (parameter-weighted); 8 = no 4-bit layers")
+    max_bytes: int = option(0, "budget as total weight bytes instead (0: use budget)")
     act_noise_ratio: float = option(1.0, "8-bit activations may add at most this × the all-16-bit output noise (negative: leave activations as they are)")
     samples: int = option(8, "calibration samples used to measure sensitivity")
+    weight_method: Literal["mse", "gptq"] = option("gptq", "how 4-bit weights are quantized (GPTQ needs the float model's layer inputs)")
 
     def __post_init__(self):
         if not 4.0 <= self.budget <= 8.0:
@@ -139,13 +142,14 @@ class AllocateBits(Pass):
             samples.append(feeds)
             if len(samples) >= self.samples:
                 break
+        ensure_opset(model, 21)  # int16 activations and int4 weights
         evaluator = _Evaluator(model, float_proto, samples)
         report = ctx.report.setdefault("mixed_precision", {})
         report["start_sqnr_db"] = round(evaluator.score()[0], 2)
         changed = False
-        if self.act_noise_ratio >= 0:
-            changed |= self._activations(model, evaluator, report)
-        changed |= self._weights(model, evaluator, report)
+        if self.act_noise_ratio >= 0 and "activation_plan" in ctx.snapshots:
+            changed |= self._activations(model, evaluator, report, ctx.snapshots["activation_plan"])
+        changed |= self._weights(model, evaluator, report, ctx)
         quantize_biases(model)
         report["final_sqnr_db"] = round(evaluator.score()[0], 2)
         ctx.log(f"allocate-bits: SQNR {report['start_sqnr_db']} -> {report['final_sqnr_db']} dB")
@@ -153,12 +157,15 @@ class AllocateBits(Pass):
 
     # -- activations ------------------------------------------------------------------------
 
-    def _activations(self, model, evaluator: _Evaluator, report) -> bool:
+    def _activations(self, model, evaluator: _Evaluator, report, plan: dict) -> bool:
         groups: dict[str, list[ir.Node]] = {}
+        assignments = {}
         for node in model.graph:
-            if node.op_type == "QuantizeLinear" and GROUP_KEY in node.metadata_props:
-                groups.setdefault(node.metadata_props[GROUP_KEY], []).append(node)
-        candidates = [_ActivationGroup(name, nodes) for name, nodes in groups.items()]
+            assignment = plan.get(node.inputs[0].name) if node.op_type == "QuantizeLinear" else None
+            if assignment is not None:
+                groups.setdefault(assignment.group, []).append(node)
+                assignments.setdefault(assignment.group, assignment)
+        candidates = [_ActivationGroup(name, nodes, assignments[name]) for name, nodes in groups.items()]
         candidates = [g for g in candidates if 8 in g.ranges and 16 in g.ranges]
         original = {g.name: g.bits for g in candidates}
         for group in candidates:
@@ -190,10 +197,12 @@ class AllocateBits(Pass):
 
     # -- weights ----------------------------------------------------------------------------
 
-    def _weights(self, model, evaluator: _Evaluator, report) -> bool:
+    def _weights(self, model, evaluator: _Evaluator, report, ctx) -> bool:
         layers = self._weight_layers(model)
         if not layers:
             return False
+        if self.weight_method == "gptq":
+            self._attach_gptq(layers, ctx)
         _, base_noise = evaluator.score()
         for layer in layers:
             self._set_weight_bits(layer, 4)
@@ -203,7 +212,7 @@ class AllocateBits(Pass):
         # Theorem 8: b_l = ½·log2(α_l σ_l² / (λ n_l)), α_l σ_l² ≈ N_l(4)·2^8.
         strength = np.array([l.noise4 * 2.0**8 for l in layers])
         params = np.array([l.params for l in layers], dtype=np.float64)
-        target = self.budget * params.sum()
+        target = self.budget * params.sum() if self.max_bytes <= 0 else min(8.0 * self.max_bytes, 8.0 * params.sum())
 
         def bits_for(lam: float) -> np.ndarray:
             return np.clip(0.5 * np.log2(strength / (lam * params)), 4.0, 8.0)
@@ -225,20 +234,18 @@ class AllocateBits(Pass):
             total -= 4.0 * params[index]
         for layer in layers:
             self._set_weight_bits(layer, layer.bits)
-        four = [l for l in layers if l.bits == 4]
-        if four:  # store 4-bit weights as INT4 (opset 21) so the model really is smaller
-            ensure_opset(model, 21)
-            for node in model.graph:
-                if node.op_type == "DequantizeLinear" and node.metadata_props.get("qcompiler.weight_bits") == "4":
-                    for value in node.inputs[0], node.inputs[2]:
-                        set_initializer_array(value, const_array(value).astype(ml_dtypes.int4))
+        for layer in layers:  # 4-bit weights stored as INT4 so the model really is smaller
+            if layer.bits == 4:
+                for value in layer.dq.inputs[0], layer.dq.inputs[2]:
+                    set_initializer_array(value, const_array(value).astype(ml_dtypes.int4))
         average = float(sum(l.bits * l.params for l in layers) / params.sum())
         report["weights"] = [
             {"node": l.node.name, "params": l.params, "noise_at_4_bits": l.noise4, "theorem8_bits": round(float(c), 3), "bits": l.bits}
             for l, c in zip(layers, continuous)
         ]
         report["average_weight_bits"] = round(average, 3)
-        report["budget"] = self.budget
+        report["budget"] = self.budget if self.max_bytes <= 0 else {"max_bytes": self.max_bytes}
+        report["weight_bytes"] = int(sum(l.bits * l.params for l in layers) // 8)
         return any(l.bits != 8 for l in layers)
 
     @staticmethod
@@ -262,11 +269,30 @@ class AllocateBits(Pass):
                 layers.append(_WeightLayer(node, dq, slot, weight, int(data.size)))
         return layers
 
+    def _attach_gptq(self, layers: list[_WeightLayer], ctx) -> None:
+        """Float weights and layer-input Hessians from the float model, for GPTQ at 4 bits."""
+        from qcompiler.gptq import LinearInputHessians
+
+        float_model = ir.from_proto(ctx.snapshots["float"])
+        hessians = LinearInputHessians(max_samples=max(self.samples, 16)).compute(float_model, ctx)
+        nodes = {n.name: n for n in float_model.graph}
+        for layer in layers:
+            original = nodes.get(layer.node.name)
+            if original is not None and const_array(original.inputs[1]) is not None:
+                layer.float_node, layer.hessians = original, hessians
+                layer.float_weight = const_array(original.inputs[1]).astype(np.float32)
+
     @staticmethod
     def _set_weight_bits(layer: _WeightLayer, bits: int) -> None:
         _, channel_axis, reduce_axis = layer.slot
         fmt = QFormat(bits=bits, granularity="per-channel")
-        qt = quantize_weight(layer.float_weight, fmt, channel_axis, reduce_axis)
+        qt = None
+        if bits == 4 and getattr(layer, "hessians", None) is not None:
+            from qcompiler.gptq import gptq_for_node
+
+            qt = gptq_for_node(layer.float_node, layer.float_weight, layer.hessians, fmt)
+        if qt is None:
+            qt = quantize_weight(layer.float_weight, fmt, channel_axis, reduce_axis)
         dq = layer.dq
         # Keep int8 storage: 4-bit values fit and the graph's types stay the same.
         set_initializer_array(dq.inputs[0], qt.data.astype(np.int8))

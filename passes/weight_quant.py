@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
+from qcompiler.gptq import gptq_for_node
 from qcompiler.graph import NameFactory, add_initializer, const_array, ensure_opset
 from qcompiler.instruments import sqnr_db
 from qcompiler.pipeline import Pass, option
@@ -69,6 +70,7 @@ def dequantize_node(
 def quantize_weights(
     model: ir.Model, ctx, fmt: QFormat, ops: tuple[str, ...], keep_float: tuple[str, ...],
     only: set[str] | None = None,
+    hessians: dict | None = None,
 ) -> int:
     """Replace the float weights of ``ops`` nodes by DequantizeLinear of integers; returns count.
 
@@ -92,7 +94,9 @@ def quantize_weights(
                 array = const_array(weight)
                 if array.dtype != np.float32 or array.size < 2:
                     continue
-                qt = quantize_weight(array, fmt, channel_axis, reduce_axis)
+                qt = gptq_for_node(node, array, hessians, fmt) if hessians else None
+                if qt is None:
+                    qt = quantize_weight(array, fmt, channel_axis, reduce_axis)
                 dq = dequantize_node(graph, names, weight.name or node.name, qt)
                 graph.insert_before(node, dq)  # graph order: this is the first user among `ops`
                 done[id(weight)] = dq.outputs[0]

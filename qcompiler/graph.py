@@ -147,7 +147,21 @@ def ensure_opset(model: ir.Model, version: int) -> None:
     current = model.graph.opset_imports.get("", 1)
     if current >= version:
         return
+    import logging
+
     import onnxscript.version_converter
 
-    onnxscript.version_converter.convert_version(model, version, fallback=True)
-    model.graph.opset_imports[""] = max(model.graph.opset_imports.get("", 1), version)
+    from .errors import UnsupportedOpError
+
+    log = logging.getLogger("onnxscript.version_converter")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        onnxscript.version_converter.convert_version(model, version, fallback=True)
+    finally:
+        log.setLevel(level)
+    if model.graph.opset_imports.get("", 1) < version:
+        raise UnsupportedOpError(
+            f"cannot upgrade the model from opset {current} to {version} (needed for int4/int16 "
+            "quantization or fused ops); export the model at opset 21 or newer"
+        )

@@ -1,0 +1,91 @@
+"""allocate-bits: measured sensitivity, Theorem 8 ranking, budgets, int16 discovery."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from builders import init, make_model, rng, run, tensor, to_ir
+from qcompiler.calibdata import CalibrationData, input_specs
+from qcompiler.errors import PipelineError
+from qcompiler.instruments import sqnr_db
+from qcompiler.passmanager import PassContext, run_pipeline
+from qcompiler.pipeline import Pipeline
+
+
+def deep_mlp():
+    """Four layers; the last one is small and sensitive (large weights feed the output directly)."""
+    r = rng(3)
+    sizes = [32, 64, 64, 64, 8]
+    nodes, inits, prev = [], [], "x"
+    for i in range(4):
+        w = (r.standard_normal((sizes[i], sizes[i + 1])) / np.sqrt(sizes[i])).astype(np.float32)
+        inits.append(init(f"w{i}", w))
+        out = "y" if i == 3 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}" if i < 3 else out], name=f"fc{i}"))
+        if i < 3:
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [out], name=f"relu{i}"))
+        prev = out
+    return make_model(nodes, [tensor("x", [1, 32])], [tensor("y", [1, 8])], inits)
+
+
+def calibrated(model, outlier=False):
+    samples = []
+    for i in range(24):
+        x = rng(i).standard_normal((1, 32)).astype(np.float32)
+        if outlier and i == 0:
+            x[0, 5] = 200.0
+        samples.append({"x": x})
+    return PassContext(calibration=CalibrationData.from_samples(samples).bind(input_specs(model)))
+
+
+def test_budget_is_met_and_sensitivity_ranks_layers():
+    model = to_ir(deep_mlp())
+    ctx = calibrated(model)
+    feeds = {"x": rng(100).standard_normal((1, 32)).astype(np.float32)}
+    float_y = run(model, feeds)["y"]
+    run_pipeline(Pipeline.parse("insert-fake-quant,allocate-bits{budget=6.0,act_noise_ratio=-1.0,weight_method=mse}"), model, ctx)
+    report = ctx.report["mixed_precision"]
+    assert report["average_weight_bits"] <= 6.0
+    bits = {w["node"]: w["bits"] for w in report["weights"]}
+    assert sorted(bits.values()) in ([4, 4, 8, 8], [4, 4, 4, 8])
+    theorem = {w["node"]: w["theorem8_bits"] for w in report["weights"]}
+    low = [n for n, b in bits.items() if b == 4]
+    high = [n for n, b in bits.items() if b == 8]
+    assert max(theorem[n] for n in low) <= min(theorem[n] for n in high)  # the closed form ranks them
+    int4 = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype.name == "INT4"]
+    assert len(int4) == len(low)
+    assert sqnr_db(float_y, run(model, feeds)["y"]) > 15
+    assert report["final_sqnr_db"] < report["start_sqnr_db"] + 1  # fewer bits cost accuracy
+
+
+def test_gptq_beats_plain_rounding_at_4_bits():
+    results = {}
+    for method in ("mse", "gptq"):
+        model = to_ir(deep_mlp())
+        ctx = calibrated(model)
+        run_pipeline(Pipeline.parse(f"insert-fake-quant,allocate-bits{{budget=4.0,act_noise_ratio=-1.0,weight_method={method}}}"), model, ctx)
+        results[method] = ctx.report["mixed_precision"]["final_sqnr_db"]
+    assert results["gptq"] > results["mse"]
+
+
+def test_outlier_activation_gets_16_bits():
+    model = to_ir(deep_mlp())
+    ctx = calibrated(model, outlier=True)
+    run_pipeline(Pipeline.parse("insert-fake-quant{method=minmax},allocate-bits{budget=8.0,act_noise_ratio=0.5}"), model, ctx)
+    wide = [r["tensor"] for r in ctx.report["mixed_precision"]["int16_activations"]]
+    assert "x" in wide
+    formats = {n.inputs[0].name: n.outputs[0].dtype.name for n in model.graph if n.op_type == "QuantizeLinear"}
+    assert formats["x"] == "INT16"
+
+
+def test_budget_8_changes_no_weights_and_option_checks():
+    model = to_ir(deep_mlp())
+    ctx = calibrated(model)
+    run_pipeline(Pipeline.parse("insert-fake-quant,allocate-bits{budget=8.0,act_noise_ratio=-1.0}"), model, ctx)
+    assert all(w["bits"] == 8 for w in ctx.report["mixed_precision"]["weights"])
+    with pytest.raises(PipelineError, match="between 4 and 8"):
+        Pipeline.parse("allocate-bits{budget=3.0}")
+    with pytest.raises(PipelineError, match="works on the fakequant stage"):
+        run_pipeline(Pipeline.parse("allocate-bits"), to_ir(deep_mlp()), calibrated(model))
