@@ -56,9 +56,14 @@ def ort_static(model_path: Path, tokens, method: str, work: Path) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    import onnx
+
+    single = work / "single.onnx"  # the quantization tools want weights inside the file
+    if not single.exists():
+        onnx.save(onnx.load(str(model_path)), str(single))
     pre = work / "pre.onnx"
     if not pre.exists():
-        quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(single), str(pre), skip_symbolic_shape=True)
     out = work / f"ort_static_{method}.onnx"
     quantize_static(
         str(pre), str(out), _Reader(tokens), quant_format=QuantFormat.QDQ, per_channel=True,

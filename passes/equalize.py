@@ -233,9 +233,12 @@ class Pair:
     producer: Producer
     chain: Chain
 
-    def to_producer(self, per_consumer_channel: np.ndarray, consumer: Consumer, into: np.ndarray) -> None:
-        """Max-reduce a per-consumer-row quantity into producer channel space."""
-        np.maximum.at(into, consumer.rows, per_consumer_channel)
+    def reduce(self, per_row) -> np.ndarray:
+        """Max over consumers of a per-weight-row quantity ``per_row(consumer)``, in producer channels."""
+        out = np.zeros(self.producer.channels)
+        for consumer in self.chain.consumers:
+            np.maximum.at(out, consumer.rows, per_row(consumer))
+        return out
 
 
 def find_pairs(model: ir.Model, kinds: tuple[str, ...], relu6: bool = False) -> tuple[list[Pair], list[tuple[str, str]]]:
