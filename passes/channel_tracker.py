@@ -8,7 +8,8 @@ their weight rows. The ops that commute here:
 * data movement — ``Reshape``/``Flatten`` that split or merge axes in row-major order,
   ``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Identity``, ``Dropout``;
 * positively homogeneous ops (``f(σx) = σf(x)`` for ``σ > 0``) — ``Relu``,
-  ``LeakyRelu``, ``PRelu``, ``Clip(0, ∞)``; ``Mul``/``Div`` by a constant;
+  ``LeakyRelu``, ``PRelu``, ``Clip(0, ∞)``, max/average pooling over spatial axes;
+  ``Mul``/``Div`` by a constant;
 * affine ops — ``Add``/``Sub``/``Min``/``Max`` with a constant ``c`` (``c → c·σ``); optionally
   ``Clip(0, h)`` (ReLU6) as ``Min(Relu(x), h·σ)`` with a per-channel bound;
 * ``MatMul`` of two activations when the scaled operand carries its channels on
@@ -36,6 +37,7 @@ from qcompiler.graph import const_array, node_label
 
 LINEAR = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 _PASS_THROUGH = {"Relu", "LeakyRelu", "Identity"}
+_POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 
 
 class Refused(Exception):
@@ -72,16 +74,17 @@ class Chain:
     clips: list[Edit]  # ReLU6 Clip nodes to rewrite with a per-channel upper bound
     values: list[ir.Value]  # every scaled tensor (the output included)
 
-    @property
-    def nodes(self) -> list[ir.Node]:
-        return [c.node for c in self.consumers]
 
-
-def dims(value: ir.Value) -> list[int | None] | None:
-    """Static dims of ``value`` (None for symbolic ones), or None if the rank is unknown."""
+def dims(value: ir.Value, shapes: dict[str, tuple[int, ...]] | None = None) -> list[int | None] | None:
+    """Static dims of ``value`` (None for symbolic ones, unless ``shapes`` has measured
+    ones), or None if the rank is unknown."""
+    measured = shapes.get(value.name) if shapes else None
     if value.shape is None:
-        return None
-    return [d if isinstance(d, int) else None for d in value.shape]
+        return list(measured) if measured is not None else None
+    out = [d if isinstance(d, int) else None for d in value.shape]
+    if measured is not None and len(measured) == len(out):
+        out = [m if d is None else d for d, m in zip(out, measured)]
+    return out
 
 
 def start_ids(rank: int, axis: int, channels: int) -> np.ndarray:
@@ -90,9 +93,10 @@ def start_ids(rank: int, axis: int, channels: int) -> np.ndarray:
     return np.arange(channels, dtype=np.int64).reshape(shape)
 
 
-def trace(output: ir.Value, ids: np.ndarray, *, relu6: bool = False) -> Chain:
+def trace(output: ir.Value, ids: np.ndarray, *, relu6: bool = False, shapes: dict | None = None) -> Chain:
     """Follow ``output`` (channels laid out as ``ids``) to the linear ops that absorb them.
 
+    ``shapes`` (name → shape measured on a sample) fills symbolic dims of reshapes.
     Raises :class:`Refused` when some reader does not commute with per-channel scaling.
     """
     chain = Chain(output, int(ids.max()) + 1, [], [], [], [])
@@ -108,7 +112,7 @@ def trace(output: ir.Value, ids: np.ndarray, *, relu6: bool = False) -> Chain:
             if id(node) in seen_nodes:
                 raise Refused(f"{node_label(node)} reads the scaled tensor twice")
             seen_nodes.add(id(node))
-            step = _step(node, index, value, ids, chain, relu6)
+            step = _step(node, index, value, ids, chain, relu6, shapes)
             if step is not None:
                 queue.append(step)
     if not chain.consumers:
@@ -116,7 +120,7 @@ def trace(output: ir.Value, ids: np.ndarray, *, relu6: bool = False) -> Chain:
     return chain
 
 
-def _step(node: ir.Node, index: int, value: ir.Value, ids: np.ndarray, chain: Chain, relu6: bool):
+def _step(node: ir.Node, index: int, value: ir.Value, ids: np.ndarray, chain: Chain, relu6: bool, shapes):
     """Record what ``node`` does with scaled input ``index``; return ``(output, ids)`` to follow."""
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
@@ -155,8 +159,12 @@ def _step(node: ir.Node, index: int, value: ir.Value, ids: np.ndarray, chain: Ch
             raise Refused(f"{node_label(node)} combines the scaled tensor with another activation")
         chain.edits.append(Edit(node, 1 - index, ids))  # min(x·σ, c·σ) = min(x, c)·σ
         return out, _pad(ids, out)
+    if op in _POOLS and index == 0:
+        if ids.ndim < 2 or any(d > 1 for d in ids.shape[2:]):
+            raise Refused(f"{node_label(node)} pools over the scaled channels")
+        return out, ids  # max(σx) = σ·max(x), mean(σx) = σ·mean(x) per channel
     if op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze") and index == 0:
-        return out, _layout(node, value, ids)
+        return out, _layout(node, value, ids, shapes)
     if op == "MatMul":
         return out, _matmul(node, index, ids)
     raise Refused(f"{node_label(node)} does not commute with per-channel scaling")
@@ -219,7 +227,7 @@ def _pad(ids: np.ndarray, out: ir.Value) -> np.ndarray:
     return ids.reshape((1,) * (rank - ids.ndim) + ids.shape)
 
 
-def _layout(node: ir.Node, value: ir.Value, ids: np.ndarray) -> np.ndarray:
+def _layout(node: ir.Node, value: ir.Value, ids: np.ndarray, shapes) -> np.ndarray:
     op = node.op_type
     if op == "Transpose":
         perm = node.attributes.get("perm")
@@ -228,7 +236,7 @@ def _layout(node: ir.Node, value: ir.Value, ids: np.ndarray) -> np.ndarray:
     if op == "Squeeze":
         axes = _axes(node, ids.ndim)
         if axes is None:
-            axes = [a for a, d in enumerate(dims(value) or []) if d == 1]
+            axes = [a for a, d in enumerate(dims(value, shapes) or []) if d == 1]
         if any(ids.shape[a] != 1 for a in axes):
             raise Refused(f"{node_label(node)} squeezes a channel axis")
         return ids.squeeze(tuple(axes))
@@ -238,11 +246,11 @@ def _layout(node: ir.Node, value: ir.Value, ids: np.ndarray) -> np.ndarray:
         if axes is None or out_rank is None:
             raise Refused(f"{node_label(node)}: unknown axes")
         return np.expand_dims(ids, tuple(sorted(axes)))
-    in_dims = dims(value)
+    in_dims = dims(value, shapes)
     if in_dims is None or len(in_dims) != ids.ndim:
         raise Refused(f"{node_label(node)}: unknown input rank")
     in_dims = [ids.shape[a] if ids.shape[a] > 1 else d for a, d in enumerate(in_dims)]
-    out_dims = _flatten_dims(node, in_dims) if op == "Flatten" else _reshape_dims(node, in_dims)
+    out_dims = _flatten_dims(node, in_dims, shapes) if op == "Flatten" else _reshape_dims(node, in_dims, shapes)
     if out_dims is None:
         raise Refused(f"{node_label(node)}: unknown output rank")
     return regroup(ids, in_dims, out_dims, node_label(node))
@@ -288,8 +296,8 @@ def regroup(ids: np.ndarray, a: list[int | None], b: list[int | None], where: st
     return np.broadcast_to(ids, a_eff).reshape(b_eff)
 
 
-def _reshape_dims(node: ir.Node, in_dims: list[int | None]) -> list[int | None] | None:
-    out = dims(node.outputs[0])
+def _reshape_dims(node: ir.Node, in_dims: list[int | None], shapes) -> list[int | None] | None:
+    out = dims(node.outputs[0], shapes)
     target = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if target is None:
         return out
@@ -309,8 +317,8 @@ def _reshape_dims(node: ir.Node, in_dims: list[int | None]) -> list[int | None] 
     return out
 
 
-def _flatten_dims(node: ir.Node, in_dims: list[int | None]) -> list[int | None]:
-    out = dims(node.outputs[0])
+def _flatten_dims(node: ir.Node, in_dims: list[int | None], shapes) -> list[int | None]:
+    out = dims(node.outputs[0], shapes)
     if out is not None and len(out) == 2 and None not in out:
         return out
     axis = _int_attr(node, "axis", 1) % max(len(in_dims), 1)

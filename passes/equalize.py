@@ -23,7 +23,7 @@ import onnx_ir as ir
 from qcompiler.graph import NameFactory, add_initializer, const_array, node_label, set_initializer_array
 from qcompiler.instruments import max_relative_error
 
-from .channel_tracker import Chain, Consumer, Refused, start_ids, trace
+from qcompiler.passes.channel_tracker import Chain, Consumer, Refused, start_ids, trace
 
 NORMS = ("LayerNormalization", "RMSNormalization")
 
@@ -126,9 +126,14 @@ class Folder:
             node.replace_input_with(index, add_initializer(self.graph, self.names(f"{value.name or 'const'}_eq"), array))
 
     def scale(self, node: ir.Node, index: int, factor: np.ndarray) -> None:
-        """``inputs[index] ← inputs[index] · factor`` (broadcasting; absent inputs are skipped)."""
+        """``inputs[index] ← inputs[index] · factor`` (broadcasting, keeping the constant's
+        rank where the extra leading axes are 1; absent inputs are skipped)."""
         if len(node.inputs) > index and node.inputs[index] is not None:
-            self.write(node, index, self.read(node, index) * factor)
+            c = self.read(node, index)
+            out = c * factor
+            while out.ndim > c.ndim and out.shape[0] == 1:
+                out = out[0]
+            self.write(node, index, out)
 
 
 def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
@@ -241,7 +246,8 @@ class Pair:
         return out
 
 
-def find_pairs(model: ir.Model, kinds: tuple[str, ...], relu6: bool = False) -> tuple[list[Pair], list[tuple[str, str]]]:
+def find_pairs(model: ir.Model, kinds: tuple[str, ...], relu6: bool = False,
+               shapes: dict | None = None) -> tuple[list[Pair], list[tuple[str, str]]]:
     """Every producer whose scale can be folded exactly, and ``(producer, reason)`` for the rest.
 
     Chains never overlap: a tensor already scaled by an earlier chain refuses a later one.
@@ -254,7 +260,7 @@ def find_pairs(model: ir.Model, kinds: tuple[str, ...], relu6: bool = False) -> 
             if producer is None:
                 continue
             ids = start_ids(len(producer.output.shape), producer.axis, producer.channels)
-            chain = trace(producer.output, ids, relu6=relu6)
+            chain = trace(producer.output, ids, relu6=relu6, shapes=shapes)
             clash = next((claimed[id(v)] for v in chain.values if id(v) in claimed), None)
             if clash:
                 raise Refused(f"overlaps the chain of {clash}")
@@ -295,6 +301,17 @@ def _clip_to_min(folder: Folder, clip: ir.Node, sigma: np.ndarray) -> None:
     name = old.name
     graph.remove(clip, safe=True)
     minimum.outputs[0].name = name
+
+
+def measured_shapes(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the node outputs on one sample, when some are symbolic (else empty)."""
+    from qcompiler.calibration import _Runner
+
+    names = [v.name for node in model.graph for v in node.outputs
+             if v.name and v.shape is not None and not all(isinstance(d, int) for d in v.shape)]
+    if not names:
+        return {}
+    return {name: tuple(np.shape(array)) for name, array in _Runner(model, names)(feeds).items()}
 
 
 # -- the exactness check -------------------------------------------------------------------
