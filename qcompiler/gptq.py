@@ -35,10 +35,14 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, fmt: QFormat) -> Quan
         raise ValueError("GPTQ here produces per-channel weights")
     w = np.asarray(weight, np.float64).copy()
     k_dim = w.shape[0]
-    base = quantize_weight(weight, fmt, channel_axis=1, reduce_axis=0)
-    scale = np.asarray(base.scale, np.float64)
-    zero = np.asarray(base.zero_point)
     h = np.asarray(hessian, np.float64).copy()
+    base = quantize_weight(weight, fmt, channel_axis=1, reduce_axis=0)
+    scale, zero = _activation_aware_scales(w, np.diag(h), fmt)
+    # Rows with the largest input energy first ("act order"): their error is compensated
+    # by the most remaining rows.
+    order = np.argsort(-np.diag(h), kind="stable")
+    inverse = np.argsort(order)
+    w, h = w[order], h[np.ix_(order, order)]
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead, :] = 0.0
@@ -62,7 +66,26 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, fmt: QFormat) -> Quan
             block[i + 1 :] -= np.outer(u[i, i + 1 :], err)
             errors[i] = err
         w[end:] -= upper[start:end, end:].T @ errors
-    return QuantizedTensor(q, scale.astype(np.float32), zero, axis=1)
+    return QuantizedTensor(q[inverse], scale.astype(np.float32), zero, axis=1)
+
+
+def _activation_aware_scales(w: np.ndarray, energy: np.ndarray, fmt: QFormat):
+    """Per-channel scales minimising Σ_k H_kk (w_kj − q(w_kj))² over clipping ratios:
+    the weight error weighted by how strongly each input row is driven."""
+    from .quant import CLIP_RATIOS, dequantize, qparams
+
+    lo, hi = w.min(axis=0), w.max(axis=0)
+    best = None
+    for ratio in CLIP_RATIOS:
+        scale, zero = qparams(lo * ratio, hi * ratio, fmt)
+        q = quantize(w.astype(np.float32), scale[None, :], zero[None, :], fmt)
+        err = (energy[:, None] * (dequantize(q, scale[None, :], zero[None, :]) - w) ** 2).sum(axis=0)
+        if best is None:
+            best = (err, scale, zero)
+        else:
+            better = err < best[0]
+            best = (np.where(better, err, best[0]), np.where(better, scale, best[1]), np.where(better, zero, best[2]))
+    return best[1].astype(np.float64), best[2].astype(fmt.dtype)
 
 
 def gptq_for_node(node: ir.Node, weight: np.ndarray, hessians: dict, fmt: QFormat) -> QuantizedTensor | None:

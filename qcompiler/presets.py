@@ -41,8 +41,8 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "w4a8",
-            f"{_CLEANUP},{_QUANTIZE.format(w='weights=int4:per-channel,')}",
-            "int4 per-channel weights, static per-tensor int8 activations (int16 where needed), "
+            f"{_CLEANUP},{_QUANTIZE.format(w='weights=int4:per-channel,weight_method=gptq,')}",
+            "int4 per-channel weights (GPTQ), static per-tensor int8 activations (int16 where needed), "
             "integer-only graph",
             True,
         ),

@@ -42,7 +42,7 @@ def test_compile_and_run_reference(cli, tmp_path):
     assert manifest["target"] == "reference"
     assert manifest["pipeline"].endswith("quantize-weights")
     assert manifest["inputs"] == [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}]
-    assert set(manifest["files"]) == {"model.onnx", "report.json"}
+    assert set(manifest["files"]) == {"model.onnx", "model.qdq.onnx", "report.json", "report.html"}
     assert "onnx" in manifest["versions"]
     report = json.loads((out / "report.json").read_text())
     assert len(report["weights"]) == 3
