@@ -4,8 +4,11 @@ The artifact: ``model.so`` (cross-compiled TVM Relax VM library), ``vm_runner`` 
 small native C++ program, ``targets/native/vm_runner.cc``) and ``lib/`` (the aarch64
 TVM runtime it links). Copy the folder to an aarch64 Linux device and run
 ``./vm_runner model.so IO_DIR``; here the runner runs under ``qemu-aarch64`` with a
-CPU model that has the selected extensions. With dotprod the manifest lists the
-``sdot`` (and ``smmla`` with i8mm) count of every kernel, from the disassembly.
+CPU model that has the selected extensions. Every int8 × int8 matmul is a scheduled
+kernel ``qc_int8_*`` tensorized with the 4×4 ``sdot`` intrinsic (``dotprod``) or its
+NEON ``smull``/``saddlp`` equivalent; the manifest lists each kernel with the nodes it
+computes and its ``sdot`` count from the disassembly (and every kernel's dot-product
+instruction counts).
 """
 
 from __future__ import annotations
@@ -39,11 +42,28 @@ _DEVICE_README = """
     IO=$(mktemp -d)   # inputs.txt: one line per input "code bits ndim dims..." (0 int, 1 uint, 2 float, 6 bool)
                       # in0.bin, in1.bin, ...: raw little-endian data, inputs in the order above
     ./vm_runner model.so $IO   # writes outputs.txt (same format) and out0.bin, out1.bin, ...
+    ./vm_runner model.so $IO N # N runs in one process: $IO/0 ... $IO/N-1, each laid out as above
+
+It prints "run I MICROSECONDS" per run (the call of `main` alone).
 
 Needs CPU features: {features}. Under emulation on x86-64:
 
     qemu-aarch64 -L {sysroot} -cpu {cpu} ./vm_runner model.so $IO
 """
+
+
+def _kernel_name(symbol: str) -> str:
+    """A PrimFunc's name from its symbol (TVM emits the body as ``<name>_compute_``)."""
+    return symbol[: -len("_compute_")] if symbol.endswith("_compute_") else symbol
+
+
+def _kernel_counts(name: str, counts: dict) -> dict[str, int]:
+    """Dot-product instruction counts of a kernel, its wrapper and its body together."""
+    total: dict[str, int] = {}
+    for symbol in (name, f"{name}_compute_"):
+        for mnemonic, n in counts.get(symbol, {}).items():
+            total[mnemonic] = total.get(mnemonic, 0) + n
+    return total
 
 
 def default_qemu_cpu(features: list[str]) -> str:
@@ -66,26 +86,39 @@ class QemuRunner(Runner):
         self.cpu = cpu or os.environ.get("QCOMPILER_QEMU_CPU") or default_qemu_cpu(info["features"])
         self.runner = out_dir / info["runner"]
         self.library = out_dir / info["library"]
+        self.last_run_us: list[int] = []
 
-    def command(self, io_dir: Path) -> list[str]:
-        return [tc.QEMU, "-L", tc.SYSROOT, "-cpu", self.cpu, str(self.runner), str(self.library), str(io_dir)]
+    def command(self, io_dir: Path, count: int | None = None) -> list[str]:
+        cmd = [tc.QEMU, "-L", tc.SYSROOT, "-cpu", self.cpu, str(self.runner), str(self.library), str(io_dir)]
+        return cmd + ([str(count)] if count is not None else [])
 
     def _run(self, feeds):
+        return self.run_many([feeds])[0]
+
+    def run_many(self, batch) -> list[dict[str, np.ndarray]]:
+        """Run several input sets in one emulator process (the library is loaded once).
+
+        ``self.last_run_us`` then holds the wall time of each call of ``main`` (µs, emulated).
+        """
         missing = tc.missing_tools(run=True)
         if missing:
             raise TargetError(f"cannot run the arm-neon artifact here: needs {', '.join(missing)}; {tc.SETUP_HINT}")
+        batch = [self.check_feeds(feeds) for feeds in batch]
         with tempfile.TemporaryDirectory(prefix="qc-arm-") as tmp:
-            io_dir = Path(tmp)
-            lines = []
-            for i, spec in enumerate(self.inputs):
-                array = np.ascontiguousarray(feeds[spec.name])
-                lines.append(" ".join(map(str, [_CODES[array.dtype.kind], array.dtype.itemsize * 8, array.ndim, *array.shape])))
-                array.tofile(io_dir / f"in{i}.bin")
-            (io_dir / "inputs.txt").write_text("\n".join(lines) + "\n")
-            done = subprocess.run(self.command(io_dir), capture_output=True, text=True, timeout=600)
+            for index, feeds in enumerate(batch):
+                io_dir = Path(tmp, str(index))
+                io_dir.mkdir()
+                lines = []
+                for i, spec in enumerate(self.inputs):
+                    array = np.ascontiguousarray(feeds[spec.name])
+                    lines.append(" ".join(map(str, [_CODES[array.dtype.kind], array.dtype.itemsize * 8, array.ndim, *array.shape])))
+                    array.tofile(io_dir / f"in{i}.bin")
+                (io_dir / "inputs.txt").write_text("\n".join(lines) + "\n")
+            done = subprocess.run(self.command(Path(tmp), len(batch)), capture_output=True, text=True, timeout=3600)
             if done.returncode != 0:
                 raise TargetError(_describe_failure(done, self.cpu))
-            return self._read_outputs(io_dir)
+            self.last_run_us = [int(line.split()[2]) for line in done.stdout.splitlines() if line.startswith("run ")]
+            return [self._read_outputs(Path(tmp, str(index))) for index in range(len(batch))]
 
     def _read_outputs(self, io_dir: Path) -> dict[str, np.ndarray]:
         outputs = {}
@@ -122,7 +155,12 @@ class ArmNeonTarget(Target):
         return ["neon"] + (["dotprod"] if self.dotprod else []) + (["i8mm"] if self.i8mm else [])
 
     def tvm_target(self) -> dict:
-        return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": [f"+{f}" for f in self.features()]}
+        from .tvm_bridge import LLVM_OPT_LEVEL
+
+        return {
+            "kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": [f"+{f}" for f in self.features()],
+            "opt-level": LLVM_OPT_LEVEL,
+        }
 
     def build(self, model: ir.Model, out_dir: Path, ctx) -> dict:
         from . import tvm_bridge
@@ -130,7 +168,8 @@ class ArmNeonTarget(Target):
         tc.require_tools(run=False)
         runner = tc.native_runner()
         target = self.tvm_target()
-        executable = tvm_bridge.compile(tvm_bridge.lower(model), target)
+        mod, lowering = tvm_bridge.lower_with_report(model, int8_dot="sdot" if self.dotprod else "neon")
+        executable = tvm_bridge.compile(mod, target)
         tvm_bridge.export(executable, out_dir / LIBRARY, cc=tc.CXX)
         shutil.copyfile(runner, out_dir / RUNNER)
         os.chmod(out_dir / RUNNER, 0o755)
@@ -140,6 +179,14 @@ class ArmNeonTarget(Target):
         kernels = tc.kernel_functions(out_dir / LIBRARY)
         counts = tc.count_instructions(out_dir / LIBRARY, DOT_MNEMONICS)
         per_kernel = {k: counts.get(k, {}) for k in kernels}
+        int8 = {
+            name: {"nodes": nodes, **_kernel_counts(name, counts)}
+            for name, nodes in lowering["int8_matmul_kernels"].items()
+        }
+        other = {
+            k: v for k, v in per_kernel.items()
+            if any(w in k for w in ("dense", "matmul", "conv")) and _kernel_name(k) not in int8
+        }
         extra = _DEVICE_README.format(
             features=", ".join(self.features()), sysroot=tc.SYSROOT, cpu=default_qemu_cpu(self.features())
         )
@@ -150,10 +197,12 @@ class ArmNeonTarget(Target):
             "runtime": [f"lib/{p.name}" for p in sorted((out_dir / "lib").iterdir())],
             "tvm_target": target,
             "features": self.features(),
+            "int8_dot_kernel": "sdot" if self.dotprod else "neon",
+            "int8_matmul_kernels": int8,
+            "matmul_kernel_sdot": {name: entry.get("sdot", 0) for name, entry in int8.items()},
+            "int8_matmul_fallback": lowering["int8_matmul_fallback"],
+            "other_matmul_kernels": other,
             "dot_instructions": per_kernel,
-            "matmul_kernel_sdot": {
-                k: v.get("sdot", 0) for k, v in per_kernel.items() if any(w in k for w in ("dense", "matmul", "conv"))
-            },
             "sdot_total": sum(c.get("sdot", 0) for c in per_kernel.values()),
             "smmla_total": sum(c.get("smmla", 0) for c in per_kernel.values()),
         }

@@ -69,15 +69,12 @@ static inline int64_t qc_isqrt(int64_t n)
     return (int64_t)r;
 }
 
-/* numpy float -> int32 cast on x86: NaN and out-of-range give INT32_MIN */
-static inline int32_t qc_f32_to_i32(float r)
+/* saturating quantisation, as the reference kernel: rounded ratio r (NaN counts as 0) + zero point,
+   clamped to [lo, hi] in double precision (r + z is an integer, so the final cast is exact) */
+static inline int64_t qc_quantize(double r, double z, int64_t lo, int64_t hi)
 {
-    return (r >= -2147483648.0f && r < 2147483648.0f) ? (int32_t)r : INT32_MIN;
-}
-
-static inline int32_t qc_f64_to_i32(double r)
-{
-    return (r >= -2147483648.0 && r < 2147483648.0) ? (int32_t)r : INT32_MIN;
+    double v = (r != r ? 0.0 : r) + z;
+    return v <= (double)lo ? lo : (v >= (double)hi ? hi : (int64_t)v);
 }
 """
 
@@ -188,7 +185,8 @@ def _float_operand(layer: Layer, array: np.ndarray, shape, axis: int, compute: n
 
 @emitter("QuantizeLinear")
 def quantize_linear(layer: Layer) -> None:
-    """``y = clamp(int32(rint(x / s)) + z)`` with ONNX's float32 division and ties-to-even."""
+    """``y = clamp(rint(x / s) + z)`` with the division in the input's float type, ties-to-even,
+    NaN as 0 and saturation (the reference interpreter's kernel)."""
     x, out = layer.input(0), layer.output()
     if layer.attr("block_size", 0):
         raise layer.fail("blocked quantization is not supported")
@@ -205,7 +203,6 @@ def quantize_linear(layer: Layer) -> None:
     views += [v for v in (s_view, z_view) if v is not None]
     lo, hi = int_bounds(out.dtype)
     rint = "rintf" if compute == np.float32 else "rint"
-    to_int = "qc_f32_to_i32" if compute == np.float32 else "qc_f64_to_i32"
 
     def body(idx):
         k = 2
@@ -214,8 +211,7 @@ def quantize_linear(layer: Layer) -> None:
             s, k = f"({c}){s_view.array}[{idx[k]}]", k + 1
         z = z_lit if z_view is None else f"{z_view.array}[{idx[k]}]"
         layer.line(f"{c} v = {rint}(({c})in0[{idx[1]}] / {s});")
-        layer.line(f"int64_t q = (int32_t)((int64_t){to_int}(v) + {z});")
-        layer.line(f"out0[{idx[0]}] = ({out.ctype})qc_clamp(q, {lo}, {hi});")
+        layer.line(f"out0[{idx[0]}] = ({out.ctype})qc_quantize((double)v, (double){z}, {c_int(lo)}, {c_int(hi)});")
         layer.cost.divider(24, layer.lanes)  # float32 mantissa divider, pipelined, in LUTs
         layer.luts(3 * 32)  # rounding, float-to-int, clamp
 

@@ -82,7 +82,10 @@ class HostTarget(Target):
     def tvm_target(self) -> dict:
         from . import tvm_bridge
 
-        return {"kind": "llvm", "mtriple": tvm_bridge.host_triple(), "mcpu": self.mcpu or tvm_bridge.host_cpu()}
+        return {
+            "kind": "llvm", "mtriple": tvm_bridge.host_triple(), "mcpu": self.mcpu or tvm_bridge.host_cpu(),
+            "opt-level": tvm_bridge.LLVM_OPT_LEVEL,
+        }
 
     def build(self, model: ir.Model, out_dir: Path, ctx) -> dict:
         from . import tvm_bridge

@@ -60,6 +60,7 @@ _VECTOR_OPS = {
 #: Ops that only change metadata (no data moves).
 _VIEWS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Constant", "Shape", "Dropout"})
 _MATMULS = frozenset({"MatMulInteger", "IntMatMul"})
+_GATHERS = frozenset({"Gather", "GatherElements", "GatherND"})
 
 
 def _bits(dtype: np.dtype | str) -> int:
@@ -132,6 +133,8 @@ def layer_cost(node: ir.Node, info, spec: NpuSpec) -> dict | None:
     elif op == "IntLayerNorm":
         vector_ops += (out_elems // max(1, shape(node.inputs[0])[-1])) * 32 * 6  # integer square root per row
     weight_bytes = sum(nbytes(v) for v in node.inputs if v is not None and const_array(v) is not None and _is_weight(node, v))
+    if op in _GATHERS and node.inputs and const_array(node.inputs[0]) is not None:
+        weight_bytes = sum(nbytes(o) for o in outs)  # a table lookup fetches only the rows it returns
     act_bytes = sum(nbytes(v) for v in node.inputs if v is not None and const_array(v) is None)
     act_bytes += sum(nbytes(o) for o in outs)
     compute = (macs / spec.mac_rate(a_bits, w_bits) if macs else 0.0) + vector_ops / spec.vector_ops_per_cycle

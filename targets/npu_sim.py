@@ -2,7 +2,9 @@
 
 It accepts what mobile NPUs accept: integer-only graphs, static per-tensor activation
 scales, per-tensor or per-channel int4/int8 weights, int8/int16 activations, int32
-accumulators and fixed-point requantization. :meth:`NpuSimTarget.check` rejects
+accumulators and fixed-point requantization. Like TOSA's 16×8 mode (Arm Ethos-U), a
+matmul with 16-bit activations may accumulate in 48 bits (``int64`` in the IR) when its
+bound fits: option ``acc48`` (default on; off: int32 accumulators only). :meth:`NpuSimTarget.check` rejects
 anything else naming the node. Execution: TVM's LLVM backend for a generic x86-64
 CPU, run in process (bit-exact with the reference interpreter). ``cost.json`` holds
 the per-layer cycles, bytes and energy of :func:`estimate_cost` (see ``npu_cost``).
@@ -20,6 +22,7 @@ import onnx_ir as ir
 from qcompiler.errors import TargetError
 from qcompiler.graph import const_array, node_label
 from qcompiler.opset import QC_DOMAIN
+from qcompiler.pipeline import option
 from qcompiler.target import Capabilities, Runner, Target
 
 from .host import LIBRARY, TVMRunner, write_readme
@@ -50,11 +53,62 @@ def _size(array) -> int:
     return 1 if array is None else int(np.asarray(array).size)
 
 
-def npu_violation(node: ir.Node, info: dict | None = None) -> str | None:
+ACC48_LIMIT = 2**47
+
+
+def _accumulator_bound(node: ir.Node, info: dict | None) -> float | None:
+    """``max|a − z_a| · max_j Σ_k |b_kj − z_b|`` of an integer matmul (None when unknown)."""
+
+    def dtype_of(value):
+        if value.type is not None:
+            return value.dtype.numpy()
+        return np.dtype(info[value.name][1]) if info and value.name in info else None
+
+    def zero_point(index):
+        z = const_array(node.inputs[index]) if len(node.inputs) > index and node.inputs[index] is not None else None
+        return np.zeros((), np.int64) if z is None else np.asarray(z, np.int64)
+
+    def span(value, index):
+        dtype = dtype_of(value)
+        if dtype is None or dtype.kind not in "iu":
+            return None
+        lo, hi = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+        z = zero_point(index)
+        return float(max(np.max(np.abs(lo - z)), np.max(np.abs(hi - z))))
+
+    a, b = node.inputs[0], node.inputs[1]
+    x_span = span(a, 2)
+    w = const_array(b)
+    if x_span is None:
+        return None
+    if w is not None:
+        zb = zero_point(3)
+        zb = zb.reshape((1,) * (w.ndim - 1) + (-1,)) if zb.size > 1 else zb.reshape(())
+        w = np.abs(np.asarray(w, np.int64) - zb)
+        return x_span * float(w.sum(axis=-2).max(initial=0))
+    b_span = span(b, 3)
+    shape = info[a.name][0] if info and a.name in info else a.shape
+    if b_span is None or shape is None or not isinstance(shape[-1], int):
+        return None
+    return x_span * b_span * shape[-1]
+
+
+def _on_accumulator(node: ir.Node, key) -> bool:
+    """A matmul, or the bias add right after one (both live in the 48-bit accumulator)."""
+    if key in _ACCUMULATE:
+        return True
+    if key != ("", "Add"):
+        return False
+    producers = [v.producer() for v in node.inputs if v is not None]
+    return any(p is not None and ("" if p.domain in ("", "ai.onnx") else p.domain, p.op_type) in _ACCUMULATE for p in producers)
+
+
+def npu_violation(node: ir.Node, info: dict | None = None, acc48: bool = True) -> str | None:
     """Why the NPU cannot run ``node`` (one line), or None.
 
     ``info`` maps value names to ``(shape, dtype)`` (see :func:`npu_cost.value_info`)
-    for values whose type the IR does not record.
+    for values whose type the IR does not record. ``acc48``: 16-bit-activation matmuls
+    may accumulate in 48 bits.
     """
 
     def _dtype(value: ir.Value | None) -> str:
@@ -89,14 +143,20 @@ def npu_violation(node: ir.Node, info: dict | None = None) -> str | None:
             return f"{label}: activations must be int8/uint8/int16, got {_dtype(b)}"
         if len(ins) > 2 and ins[2] is not None and _size(const_array(ins[2])) != 1:
             return f"{label}: activation zero points must be per-tensor constants"
-        if _dtype(node.outputs[0]) != "int32":
-            return f"{label}: the NPU accumulates in int32, not {_dtype(node.outputs[0])}"
+        acc = _dtype(node.outputs[0])
+        if acc == "int64" and acc48 and "int16" in (_dtype(a), _dtype(b)):
+            bound = _accumulator_bound(node, info)
+            if bound is None or bound >= ACC48_LIMIT:
+                return f"{label}: the sum can exceed the 48-bit accumulator"
+        elif acc != "int32":
+            extra = " (48 bits for 16-bit activations)" if acc48 else ""
+            return f"{label}: the NPU accumulates in int32{extra}, not {acc}"
     if key == (QC_DOMAIN, "Requantize"):
         m, k = const_array(ins[1]), const_array(ins[2])
         if m is None or k is None:
             return f"{label}: multiplier and shift must be compile-time constants"
-        if m.size > 1 and _dtype(ins[0]) != "int32":
-            return f"{label}: per-channel requantization of activations (only int32 accumulators may be per-channel)"
+        if m.size > 1 and _dtype(ins[0]) not in ("int32", "int64"):
+            return f"{label}: per-channel requantization of activations (only accumulators may be per-channel)"
         if np.any(np.abs(m.astype(np.int64)) >= 2**31) or np.any(k < 0) or np.any(k > 63):
             return f"{label}: multiplier/shift out of the fixed-point unit's range"
     for out in node.outputs:
@@ -105,7 +165,7 @@ def npu_violation(node: ir.Node, info: dict | None = None) -> str | None:
             continue
         if dt not in _ACTIVATION | _INDEX | {"int32", "?"}:
             return f"{label}: {dt} tensor '{out.name}' is not an NPU data type"
-        if dt == "int64" and key not in _MOVE:
+        if dt == "int64" and key not in _MOVE and not (acc48 and _on_accumulator(node, key)):
             return f"{label}: computes in int64 ('{out.name}'); the NPU has int32 accumulators"
     return None
 
@@ -123,18 +183,20 @@ class NpuSimTarget(Target):
         runs_float=False,
     )
 
+    acc48: bool = option(True, "16-bit-activation matmuls may accumulate in 48 bits (TOSA 16x8 mode); false: int32 only")
+
     def check(self, model: ir.Model) -> None:
         super().check(model)
         info = value_info(model)
         for node in model.graph:
-            problem = npu_violation(node, info)
+            problem = npu_violation(node, info, self.acc48)
             if problem is not None:
                 raise TargetError(f"target '{self.name}': {problem}")
 
     def build(self, model: ir.Model, out_dir: Path, ctx) -> dict:
         from . import tvm_bridge
 
-        target = {"kind": "llvm", "mtriple": tvm_bridge.host_triple(), "mcpu": "x86-64"}
+        target = {"kind": "llvm", "mtriple": tvm_bridge.host_triple(), "mcpu": "x86-64", "opt-level": tvm_bridge.LLVM_OPT_LEVEL}
         executable = tvm_bridge.compile(tvm_bridge.lower(model), target)
         tvm_bridge.export(executable, out_dir / LIBRARY)
         cost = estimate_cost(model)

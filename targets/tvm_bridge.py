@@ -17,7 +17,9 @@ This is the only module that imports ``tvm`` (lazily: ``import qcompiler`` stays
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,36 @@ def _tvm():
     from tvm import relax
 
     return tvm, relax
+
+
+@contextlib.contextmanager
+def _fast_tvmscript():
+    """Make TVMScript parsing fast while TVM defines its tensor intrinsics.
+
+    Every ``@T.prim_func`` calls ``inspect.stack()``, whose ``getmodule`` scans all of
+    ``sys.modules`` for each frame without a source file (the import machinery's);
+    importing ``tvm.s_tir.tensor_intrin`` (dlight's GPU matmul rule does) parses ~250
+    functions and took 30-130 s. This swaps in a stack walk that reads the same
+    ``FrameInfo`` fields (frame, file, line, code context) straight from the frames.
+    """
+    import inspect
+    import linecache
+
+    def stack(context: int = 1):
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, frame.f_lineno)
+            frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, [line] if line else None, 0))
+            frame = frame.f_back
+        return frames
+
+    original = inspect.stack
+    inspect.stack = stack
+    try:
+        yield
+    finally:
+        inspect.stack = original
 
 
 def relax_dtype(dtype: ir.DataType) -> str:
@@ -69,15 +101,45 @@ def host_array(array: np.ndarray) -> np.ndarray:
 # -- lowering ---------------------------------------------------------------------------
 
 
-def lower(model: ir.Model):
-    """Relax ``IRModule`` with one function ``main(*inputs) -> (outputs...)``."""
-    return _Lowerer(model).run()
+#: ``int8_dot`` choices: scheduled int8 matmul kernels tensorized with these instructions.
+INT8_DOT = {"sdot": "aarch64 sdot (Armv8.2 dotprod)", "neon": "aarch64 smull + saddlp + addp (Armv8.0 NEON)"}
+
+
+def lower(model: ir.Model, *, int8_dot: str | None = None):
+    """Relax ``IRModule`` with one function ``main(*inputs) -> (outputs...)``.
+
+    ``int8_dot`` (aarch64 only: ``"sdot"`` or ``"neon"``): every int8 × int8 → int32
+    matmul becomes a scheduled kernel ``qc_int8_*`` tensorized with that dot-product
+    instruction (see :func:`lower_with_report`).
+    """
+    return lower_with_report(model, int8_dot=int8_dot)[0]
+
+
+def lower_with_report(model: ir.Model, *, int8_dot: str | None = None):
+    """``(IRModule, report)``; ``report["int8_matmul_kernels"]`` maps each scheduled int8
+    kernel's name to the nodes it computes, ``report["int8_matmul_fallback"]`` lists int8
+    matmuls that could not use one (per-row zero points, weights that leave int8 after
+    subtracting their zero points, operands without matching batch dimensions)."""
+    if int8_dot is not None and int8_dot not in INT8_DOT:
+        raise TargetError(f"unknown int8 dot-product kernel kind {int8_dot!r} (choices: {', '.join(INT8_DOT)})")
+    lowerer = _Lowerer(model, int8_dot)
+    mod = lowerer.run()
+    report = {
+        "int8_matmul_kernels": {k: sorted(v) for k, v in sorted(lowerer.int8_kernels.items())},
+        "int8_matmul_fallback": sorted(lowerer.int8_fallback),
+    }
+    return mod, report
 
 
 class _Lowerer:
-    def __init__(self, model: ir.Model):
+    def __init__(self, model: ir.Model, int8_dot: str | None = None):
         _, self.relax = _tvm()
         self.R = self.relax.op
+        self.int8_dot = int8_dot
+        self.int8_kernels: dict[str, list[str]] = {}  # scheduled kernel -> nodes
+        self.int8_fallback: list[str] = []
+        self._kernel_vars: dict[tuple, Any] = {}
+        self.node_name = ""
         self.model = model
         self.graph = model.graph
         self.opset = self.graph.opset_imports.get("", 17)
@@ -119,6 +181,7 @@ class _Lowerer:
 
     def _lower_node(self, node: ir.Node) -> None:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        self.node_name = node.name or node.op_type
         try:
             if domain == "" and node.op_type == "Constant":
                 self._set_const(node.outputs[0].name, _constant_node_value(node))
@@ -151,6 +214,8 @@ class _Lowerer:
             outs = [outs]
         for value, expr in zip(node.outputs, outs):
             if value.name:
+                if value.shape is not None and len(value.shape) == 0 and self.shape(expr) == (1,):
+                    expr = self.emit(self.R.reshape(expr, ()))  # a scalar broadcast against a (1,) constant
                 self.env[value.name] = expr
 
     # ---- values and constants ----
@@ -194,7 +259,14 @@ class _Lowerer:
         return self.relax.const(array, str(array.dtype))
 
     def c64(self, value) -> Any:
-        return self.relax.const(np.asarray(value, np.int64), "int64")
+        """An int64 constant; scalars are held as shape ``(1,)`` tensors, not 0-d ones, so they
+        stay kernel arguments instead of being folded into the code as immediates: layers
+        that differ only in their constants then share one kernel (far fewer kernels to
+        compile). :meth:`_lower_node` restores 0-d results."""
+        array = np.asarray(value, np.int64)
+        if array.ndim == 0:
+            array = array.reshape(1)
+        return self.relax.const(array, "int64")
 
     def emit(self, expr):
         return self.bb.emit(expr)
@@ -407,14 +479,20 @@ def _matmul_acc(lo: _Lowerer, a, b, za, zb, acc: str, b_const: np.ndarray | None
 
     int32 products are written as dot products over a contiguous reduction axis
     (``[N, K]`` weights, TVM's ``dense``/``batch_matmul``), the form LLVM vectorises
-    into ``sdot``/``vpdpbusd``. int32 wraps like the exact sum, which fits by contract.
+    into ``sdot``/``vpdpbusd``; with ``int8_dot`` int8 products use the scheduled
+    kernels of :func:`_int8_dense`/:func:`_int8_batch_matmul`. int32 wraps like the
+    exact sum, which fits by contract.
     """
     from tvm import topi
 
     R = lo.R
+    a_shape, b_shape = lo.shape(a), lo.shape(b)
+    if lo.dtype(a) == "int16" and b_const is not None and len(b_shape) == 2 and np.size(za if za is not None else 0) <= 1:
+        split = _int16_by_int8(lo, a, b_const, za, zb, acc)
+        if split is not None:
+            return split
     if acc == "int64":
         return lo.emit(R.matmul(lo.sub_zp(a, za), lo.sub_zp(b, zb), out_dtype="int64"))
-    a_shape, b_shape = lo.shape(a), lo.shape(b)
     if za is not None and np.size(za) > 1:  # per-row activation zero point: plain widened matmul
         za = np.asarray(za).reshape(-1, 1)
         zb = None if zb is None else _column_view(zb, len(b_shape))
@@ -425,13 +503,21 @@ def _matmul_acc(lo: _Lowerer, a, b, za, zb, acc: str, b_const: np.ndarray | None
             w = w - _column_view(zb, 2).astype(np.int64)
         w_nk = np.ascontiguousarray(w.T).astype(_narrowest(w))
         flat = a if len(a_shape) == 2 else lo.emit(R.reshape(a, (math.prod(a_shape[:-1]), a_shape[-1])))
-        y = lo.emit_te(topi.nn.dense, flat, lo._const(w_nk), None, "int32")
-        if za is not None and np.any(za):  # (a − za)·W = a·W − za·colsum(W)
-            colsum = (int(np.asarray(za).reshape(())) * w.sum(axis=0)).astype(np.int32)
-            y = lo.emit(R.subtract(y, lo.relax.const(colsum, "int32")))
+        scheduled = _int8_dense(lo, flat, w_nk, za) if lo.int8_dot else None
+        if scheduled is not None:
+            y = scheduled
+        else:
+            y = lo.emit_te(topi.nn.dense, flat, lo._const(w_nk), None, "int32")
+            if za is not None and np.any(za):  # (a − za)·W = a·W − za·colsum(W)
+                colsum = (int(np.asarray(za).reshape(())) * w.sum(axis=0)).astype(np.int32)
+                y = lo.emit(R.subtract(y, lo.relax.const(colsum, "int32")))
         if len(a_shape) != 2:
             y = lo.emit(R.reshape(y, (*a_shape[:-1], b_shape[-1])))
         return y
+    if lo.int8_dot:
+        scheduled = _int8_batch_matmul(lo, a, b, za, zb)
+        if scheduled is not None:
+            return scheduled
     a = _sub_narrow(lo, a, za)
     b = _sub_narrow(lo, b, None if zb is None else _column_view(zb, len(b_shape)))
     if len(a_shape) >= 3 and len(b_shape) == len(a_shape) and a_shape[:-2] == b_shape[:-2]:
@@ -445,6 +531,279 @@ def _matmul_acc(lo: _Lowerer, a, b, za, zb, acc: str, b_const: np.ndarray | None
         y = lo.emit_te(topi.nn.dense, flat, lo.emit(R.permute_dims(b, [1, 0])), None, "int32")
         return y if len(a_shape) == 2 else lo.emit(R.reshape(y, (*a_shape[:-1], b_shape[-1])))
     return lo.emit(R.matmul(a, b, out_dtype="int32"))
+
+
+def _int16_by_int8(lo: _Lowerer, a, b_const: np.ndarray, za, zb, acc: str):
+    """``(a − za) @ W`` for int16 ``a`` and an int8 constant ``W`` as one int8 matmul of twice
+    the rows: ``a = 256·hi + lo`` with ``hi = a >> 8`` and ``lo − 128`` both int8, so
+    ``(a − za)·W = 256·(hi·W) + (lo − 128)·W + (128 − za)·colsum(W)``. Each int8 product
+    fits int32; the combination is done in ``acc`` (int64, or int32 where the result
+    fits by contract). None if W does not fit int8."""
+    R = lo.R
+    w = b_const.astype(np.int64)
+    if zb is not None and np.any(zb):
+        w = w - _column_view(zb, 2).astype(np.int64)
+    if w.size == 0 or w.min() < -128 or w.max() > 127:
+        return None
+    a_shape = lo.shape(a)
+    rows, k, n = math.prod(a_shape[:-1]), a_shape[-1], w.shape[1]
+    flat = lo.emit(R.reshape(a, (rows, k)))
+    hi = lo.emit(R.astype(lo.emit(R.right_shift(flat, lo.relax.const(np.int16([8]), "int16"))), "int8"))
+    low = lo.emit(R.bitwise_and(flat, lo.relax.const(np.int16([255]), "int16")))
+    low = lo.emit(R.astype(lo.emit(R.subtract(low, lo.relax.const(np.int16([128]), "int16"))), "int8"))
+    both = lo.emit(R.concat([hi, low], axis=0))
+    y = _matmul_acc(lo, both, lo._const(w.astype(np.int8)), None, None, "int32", w.astype(np.int8))
+    y_hi = lo.emit(R.strided_slice(y, axes=[0], begin=[0], end=[rows]))
+    y_lo = lo.emit(R.strided_slice(y, axes=[0], begin=[rows], end=[2 * rows]))
+    z = 0 if za is None else int(np.asarray(za).reshape(()))
+    colsum = (128 - z) * w.sum(axis=0)
+    if acc == "int64":
+        y_hi, y_lo = lo.emit(R.astype(y_hi, "int64")), lo.emit(R.astype(y_lo, "int64"))
+        out = lo.emit(R.add(lo.emit(R.multiply(y_hi, lo.c64(256))), y_lo))
+        out = lo.emit(R.add(out, lo.relax.const(colsum.astype(np.int64), "int64")))
+    else:  # int32 wraps like the exact sum, which fits by contract
+        out = lo.emit(R.add(lo.emit(R.left_shift(y_hi, lo.relax.const(np.int32([8]), "int32"))), y_lo))
+        out = lo.emit(R.add(out, lo.relax.const(colsum.astype(np.int64).astype(np.int32), "int32")))
+    return lo.emit(R.reshape(out, (*a_shape[:-1], n)))
+
+
+# -- scheduled int8 matmul kernels (aarch64 dot product) ------------------------------------
+
+_DOT_INTRINSICS: dict[str, str] = {}
+
+
+def _dot_intrinsics() -> dict[str, str]:
+    """Register the 4×4 int8 dot-product tensor intrinsics (``C[i] += Σ_k A[k]·B[i, k]``):
+    TVM's ``ARM_DOT_4x4_i8_{SDOT,NEON}_INTRIN``, written out here because importing
+    ``tvm.s_tir.tensor_intrin`` registers every intrinsic of every target (~30 s)."""
+    if _DOT_INTRINSICS:
+        return _DOT_INTRINSICS
+    import tvm
+    from tvm.script import tirx as T
+
+    with _fast_tvmscript():
+        _define_dot_intrinsics(tvm, T)
+    return _DOT_INTRINSICS
+
+
+def _define_dot_intrinsics(tvm, T) -> None:
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            for i in T.serial(0, 4):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def sdot(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a4 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            va = T.reinterpret(T.broadcast(a4, 4), dtype="int8x16")
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                C.vload([0], dtype="int32x4"), va, B.vload([0, 0], dtype="int8x16"), dtype="int32x4",
+            )
+
+    @T.prim_func(s_tir=True)
+    def neon(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a4 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            va = T.reinterpret(T.broadcast(a4, 2), dtype="int8x8")
+            vb = B.vload([0, 0], dtype="int8x16")
+            low = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"), va, T.vectorlow(vb, dtype="int8x8"),
+                    dtype="int16x8",
+                ),
+                dtype="int32x4",
+            )
+            high = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"), va, T.vectorhigh(vb, dtype="int8x8"),
+                    dtype="int16x8",
+                ),
+                dtype="int32x4",
+            )
+            C[T.ramp(T.int32(0), 1, 4)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"), low, high, dtype="int32x4"
+            )
+
+    for kind, impl in (("sdot", sdot), ("neon", neon)):
+        name = f"qcompiler_dot_4x4_i8i8s32_{kind}"
+        tvm.s_tir.TensorIntrin.register(name, desc, impl, override=True)
+        _DOT_INTRINSICS[kind] = name
+
+
+
+def _signed8(lo: _Lowerer, x, zp):
+    """An int8 view of an 8-bit tensor and its zero point: uint8 ``x`` becomes ``x − 128``
+    (so ``x − zp = (x − 128) − (zp − 128)``); None for wider types."""
+    dtype = lo.dtype(x)
+    zp = 0 if zp is None else int(np.asarray(zp).reshape(()))
+    if dtype == "int8":
+        return x, zp
+    if dtype != "uint8":
+        return None
+    R = lo.R
+    shifted = lo.emit(R.subtract(lo.emit(R.astype(x, "int16")), lo.relax.const(np.int16(128), "int16")))
+    return lo.emit(R.astype(shifted, "int8")), zp - 128
+
+
+def _int8_dense(lo: _Lowerer, a, w_nk: np.ndarray, za):
+    """``(a − za) · w_nkᵀ`` for int8/uint8 ``a`` [M, K] and int8 constant ``w_nk`` [N, K] with a
+    scheduled dot-product kernel (weights pre-packed to [N/4, K/4, 4, 4]); None if it does not apply."""
+    R = lo.R
+    if lo.dtype(a) not in ("int8", "uint8"):
+        return None
+    if w_nk.dtype != np.int8 or (za is not None and np.size(za) > 1):
+        lo.int8_fallback.append(lo.node_name)
+        return None
+    a, z = _signed8(lo, a, za)
+    m, k = lo.shape(a)
+    n = w_nk.shape[0]
+    n4, k4 = -(-n // 4) * 4, -(-k // 4) * 4
+    if k4 != k:
+        a = lo.emit(R.nn.pad(a, [0, 0, 0, k4 - k]))
+    padded = np.zeros((n4, k4), np.int8)
+    padded[:n, :k] = w_nk
+    packed = np.ascontiguousarray(padded.reshape(n4 // 4, 4, k4 // 4, 4).transpose(0, 2, 1, 3))
+    kernel = _int8_kernel(lo, "dense", (m, n4, k4))
+    y = lo.emit(lo.relax.call_tir(kernel, [a, lo._const(packed)], lo.relax.TensorType((m, n4), "int32")))
+    if n4 != n:
+        y = lo.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    if z:
+        colsum = (z * w_nk.astype(np.int64).sum(axis=1)).astype(np.int32)
+        y = lo.emit(R.subtract(y, lo.relax.const(colsum, "int32")))
+    return y
+
+
+def _int8_batch_matmul(lo: _Lowerer, a, b, za, zb):
+    """``(a − za) @ (b − zb)`` for 8-bit activations ``a`` [..., M, K], ``b`` [..., K, N] with
+    scalar zero points: the scheduled kernel (K and N zero-padded to multiples of 4) plus
+    row/column-sum corrections; None if it does not apply."""
+    R = lo.R
+    a_shape, b_shape = lo.shape(a), lo.shape(b)
+    if lo.dtype(a) not in ("int8", "uint8") or lo.dtype(b) not in ("int8", "uint8"):
+        return None
+    if (
+        np.size(za if za is not None else 0) > 1 or np.size(zb if zb is not None else 0) > 1
+        or len(a_shape) < 2 or len(a_shape) != len(b_shape) or a_shape[:-2] != b_shape[:-2]
+    ):
+        lo.int8_fallback.append(lo.node_name)
+        return None
+    (a, za), (b, zb) = _signed8(lo, a, za), _signed8(lo, b, zb)
+    batch = math.prod(a_shape[:-2])
+    m, k = a_shape[-2:]
+    n = b_shape[-1]
+    a3 = lo.emit(R.reshape(a, (batch, m, k)))
+    b3 = lo.emit(R.reshape(b, (batch, k, n)))
+    k4, n4 = -(-k // 4) * 4, -(-n // 4) * 4
+    a_in = lo.emit(R.nn.pad(a3, [0, 0, 0, 0, 0, k4 - k])) if k4 != k else a3  # zero products
+    b_in = lo.emit(R.nn.pad(b3, [0, 0, 0, k4 - k, 0, n4 - n])) if (k4, n4) != (k, n) else b3
+    kernel = _int8_kernel(lo, "bmm", (batch, m, n4, k4))
+    y = lo.emit(lo.relax.call_tir(kernel, [a_in, b_in], lo.relax.TensorType((batch, m, n4), "int32")))
+    if n4 != n:
+        y = lo.emit(R.strided_slice(y, axes=[2], begin=[0], end=[n]))
+    def i32(value):  # (1,)-shaped: a kernel argument, not an immediate (see _Lowerer.c64)
+        return lo.relax.const(np.array([value], np.int32), "int32")
+
+    if zb:  # − zb·Σ_k a
+        rows = lo.emit(R.sum(lo.emit(R.astype(a3, "int32")), axis=[2], keepdims=True))
+        y = lo.emit(R.subtract(y, lo.emit(R.multiply(rows, i32(zb)))))
+    if za:  # − za·Σ_k b
+        cols = lo.emit(R.sum(lo.emit(R.astype(b3, "int32")), axis=[1], keepdims=True))
+        y = lo.emit(R.subtract(y, lo.emit(R.multiply(cols, i32(za)))))
+    if za and zb:
+        y = lo.emit(R.add(y, i32(k * za * zb)))
+    return lo.emit(R.reshape(y, (*a_shape[:-1], n)))
+
+
+def _int8_kernel(lo: _Lowerer, kind: str, shape: tuple[int, ...]):
+    """The GlobalVar of a scheduled int8 kernel (built once per kind and shape)."""
+    key = (kind, shape, lo.int8_dot)
+    gvar = lo._kernel_vars.get(key)
+    if gvar is None:
+        name = f"qc_int8_{kind}_{'x'.join(map(str, shape))}_{lo.int8_dot}"
+        func = _dense_kernel(*shape, lo.int8_dot) if kind == "dense" else _bmm_kernel(*shape, lo.int8_dot)
+        gvar = lo.bb.add_func(func.with_attr("global_symbol", name), name)
+        lo._kernel_vars[key] = gvar
+        lo.int8_kernels[name] = []
+    lo.int8_kernels[gvar.name_hint].append(lo.node_name)
+    return gvar
+
+
+def _dense_kernel(m: int, n: int, k: int, dot: str):
+    """``C[m, n] = Σ_k A[m, k] · W[n/4, k/4, n%4, k%4]`` (int8 → int32), 4×4 dot-product tensorized."""
+    from tvm import te
+
+    a = te.placeholder((m, k), "int8", name="A")
+    w = te.placeholder((n // 4, k // 4, 4, 4), "int8", name="W")
+    r = te.reduce_axis((0, k), name="k")
+    c = te.compute(
+        (m, n), lambda i, j: te.sum(a[i, r].astype("int32") * w[j // 4, r // 4, j % 4, r % 4].astype("int32"), axis=r),
+        name="C",
+    )
+    return _schedule_dot(te.create_prim_func([a, w, c]), dot)
+
+
+def _bmm_kernel(batch: int, m: int, n: int, k: int, dot: str):
+    """``C[b, m, n] = Σ_k A[b, m, k] · B[b, k, n]`` (int8 → int32): B is packed to
+    [b, n/4, k/4, 4, 4] in the kernel, then the product is 4×4 dot-product tensorized."""
+    from tvm import te
+
+    a = te.placeholder((batch, m, k), "int8", name="A")
+    b = te.placeholder((batch, k, n), "int8", name="B")
+    packed = te.compute(
+        (batch, n // 4, k // 4, 4, 4), lambda q, jo, ro, ji, ri: b[q, ro * 4 + ri, jo * 4 + ji], name="B_packed"
+    )
+    r = te.reduce_axis((0, k), name="k")
+    c = te.compute(
+        (batch, m, n),
+        lambda q, i, j: te.sum(a[q, i, r].astype("int32") * packed[q, j // 4, r // 4, j % 4, r % 4].astype("int32"), axis=r),
+        name="C",
+    )
+    return _schedule_dot(te.create_prim_func([a, b, c]), dot)
+
+
+def _schedule_dot(func, dot: str):
+    """Tile rows by 4 and column groups by 4×4 (16 accumulators), tensorize the inner 4×4 dot."""
+    import tvm
+
+    intrinsic = _dot_intrinsics()[dot]
+    sch = tvm.s_tir.Schedule(func)
+    block = sch.get_sblock("C")
+    loops = sch.get_loops(block)
+    outer, (i, j, r) = loops[:-3], loops[-3:]
+    rows = sch.get_sref(i).stmt.extent
+    cols = sch.get_sref(j).stmt.extent // 4
+    jo, ji = sch.split(j, [None, 4])
+    ro, ri = sch.split(r, [None, 4])
+    io, ii = sch.split(i, [None, 4]) if int(rows) % 4 == 0 else (i, None)
+    joo, joi = sch.split(jo, [None, 4]) if int(cols) % 4 == 0 else (jo, None)
+    order = [x for x in (*outer, io, joo, ro, ii, joi, ji, ri) if x is not None]
+    sch.reorder(*order)
+    sch.decompose_reduction(block, ro)
+    sch.tensorize(ji, intrinsic)
+    return sch.mod["main"].with_attr("op_pattern", 8)  # opaque: keep it out of operator fusion
 
 
 def _column_view(zp, ndim: int) -> np.ndarray:
@@ -467,7 +826,8 @@ def _sub_narrow(lo: _Lowerer, x, zp):
     dtype = lo.dtype(x)
     wide = "int16" if np.dtype(dtype).itemsize == 1 else "int32"
     x = lo.emit(lo.R.astype(x, wide))
-    return lo.emit(lo.R.subtract(x, lo.relax.const(np.asarray(zp).astype(wide), wide)))
+    zp = np.asarray(zp).astype(wide)
+    return lo.emit(lo.R.subtract(x, lo.relax.const(zp.reshape(1) if zp.ndim == 0 else zp, wide)))
 
 
 def _int_softmax(lo: _Lowerer, node: ir.Node):
@@ -611,6 +971,8 @@ def _quantize_linear(lo: _Lowerer, node: ir.Node):
     zp = _per_axis(zp, ndim, axis, block, lo.shape(x))
     ftype = lo.dtype(x)
     v = lo.emit(R.divide(x, lo.relax.const(scale.astype(ftype), ftype)))
+    zero = lo.relax.const(np.asarray(0, ftype), ftype)
+    v = lo.emit(R.where(lo.emit(R.isnan(v)), zero, v))  # NaN quantizes to the zero point
     v = lo.emit(R.clip(v, -(2.0**30), 2.0**30))
     whole = lo.emit(R.floor(v))
     frac = lo.emit(R.subtract(v, whole))
@@ -705,9 +1067,17 @@ def host_triple() -> str:
     return str(codegen.llvm_get_system_triple())
 
 
+#: LLVM optimisation level for CPU kernels unless the target dict sets ``opt-level``: on MiniLM
+#: -O3 took 2-3× longer to compile (mostly the int64 elementwise kernels) for no measured speed-up.
+LLVM_OPT_LEVEL = 2
+
+
 def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disable_assert: bool = False):
     """``tvm.compile`` a lowered module for ``target`` (a JSON-style target dict)."""
     tvm, relax = _tvm()
+    target = dict(target)
+    if target.get("kind") == "llvm":
+        target.setdefault("opt-level", LLVM_OPT_LEVEL)
     tgt = make_target(target)
     config = {"tirx.disable_assert": True} if disable_assert else {}
     with tvm.transform.PassContext(opt_level=3, config=config):
@@ -718,7 +1088,7 @@ def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disa
             for gvar, func in list(mod.functions.items()):
                 if isinstance(func, tvm.tirx.PrimFunc):  # dlight's int8 tensor-core rule fails to build
                     mod[gvar] = func.with_attr("dlight.do_not_tensorize", True)
-            with tgt:
+            with tgt, _fast_tvmscript():
                 mod = dl.ApplyDefaultSchedule(
                     dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
                 )(mod)

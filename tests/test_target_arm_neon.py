@@ -34,7 +34,7 @@ def wide_int8_mlp() -> tm.ir.Model:
 
 
 GRAPHS = {
-    "mlp-neon": ("arm-neon", tm.quantized_mlp),
+    "mlp-neon": ("arm-neon", lambda: tm.quantized_mlp(asym_input=True)),
     "attention-dotprod": ("arm-neon{dotprod=true}", lambda: tm.attention_block("lut", act16=False, softmax_out=np.int8)),
     "wide-dotprod": ("arm-neon{dotprod=true}", wide_int8_mlp),
     "weight-only-i8mm": ("arm-neon{dotprod=true,i8mm=true}", lambda: tm.weight_only_mlp(8)),
@@ -77,13 +77,23 @@ def test_weight_only_float_graph_under_qemu_max_cpu(arm_builds):
 def test_dotprod_build_uses_sdot_in_every_int8_matmul_kernel(arm_builds):
     manifest = json.loads((arm_builds / "wide-dotprod" / "manifest.json").read_text())
     info = manifest["target_info"]
-    assert info["tvm_target"]["mattr"] == ["+neon", "+dotprod"]
-    matmuls = info["matmul_kernel_sdot"]
-    assert len(matmuls) == 2 and all(n > 0 for n in matmuls.values()), info["dot_instructions"]
-    assert all(set(info["dot_instructions"][k]) == {"sdot"} for k in matmuls)
-    assert info["sdot_total"] > 0
+    assert info["tvm_target"]["mattr"] == ["+neon", "+dotprod"] and info["int8_dot_kernel"] == "sdot"
+    kernels = info["int8_matmul_kernels"]
+    assert sorted(n for k in kernels.values() for n in k["nodes"]) == ["fc1", "fc2"]
+    assert info["matmul_kernel_sdot"] == {name: k["sdot"] for name, k in kernels.items()}
+    assert len(kernels) == 2 and all(k["sdot"] > 0 for k in kernels.values()), kernels
+    assert info["int8_matmul_fallback"] == [] and info["other_matmul_kernels"] == {}
     plain = json.loads((arm_builds / "mlp-neon" / "manifest.json").read_text())["target_info"]
-    assert plain["sdot_total"] == 0 and plain["features"] == ["neon"]
+    assert plain["sdot_total"] == 0 and plain["features"] == ["neon"] and plain["int8_dot_kernel"] == "neon"
+    assert len(plain["int8_matmul_kernels"]) == 2  # the same scheduled kernels, with smull/saddlp
+
+
+def test_attention_matmuls_of_activations_are_sdot_kernels_too(arm_builds):
+    """q·kᵀ and probs·v (8-bit activations with zero points, K and N padded to 4) use the kernel."""
+    info = json.loads((arm_builds / "attention-dotprod" / "manifest.json").read_text())["target_info"]
+    bmm = {name: k for name, k in info["int8_matmul_kernels"].items() if name.startswith("qc_int8_bmm_")}
+    assert len(bmm) == 2 and all(k["sdot"] > 0 for k in bmm.values()), info["int8_matmul_kernels"]
+    assert info["int8_matmul_fallback"] == []
 
 
 def test_sdot_runs_on_neoverse_n1_and_dies_with_sigill_on_cortex_a53(arm_builds):
@@ -98,12 +108,22 @@ def test_sdot_runs_on_neoverse_n1_and_dies_with_sigill_on_cortex_a53(arm_builds)
         QemuRunner(out, manifest, cpu="cortex-a53").run(feeds)
 
 
+def test_many_runs_in_one_emulator_process(arm_builds):
+    model = GRAPHS["mlp-neon"][1]()
+    runner = qcompiler.load(arm_builds / "mlp-neon")
+    batch = [tm.random_feeds(model, seed) for seed in range(3)]
+    for feeds, got in zip(batch, runner.run_many(batch)):
+        for key, value in tm.reference(model, feeds).items():
+            np.testing.assert_array_equal(got[key], value)
+    assert len(runner.last_run_us) == 3 and all(t >= 0 for t in runner.last_run_us)
+
+
 def test_artifact_is_self_contained_and_deterministic(arm_builds, tmp_path):
     out = arm_builds / "mlp-neon"
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"model.so", "vm_runner", "lib/libtvm_runtime.so", "lib/libtvm_ffi.so", "README.md"} <= set(manifest["files"])
     assert "qemu-aarch64" in (out / "README.md").read_text()
-    build("arm-neon", tm.quantized_mlp(), tmp_path / "again")
+    build("arm-neon", GRAPHS["mlp-neon"][1](), tmp_path / "again")
     assert (tmp_path / "again" / "manifest.json").read_text() == (out / "manifest.json").read_text()
 
 
@@ -111,4 +131,4 @@ def test_missing_runner_tools_give_a_clear_error(arm_builds, monkeypatch):
     monkeypatch.setattr(tc, "QEMU", "qemu-aarch64-not-installed")
     runner = qcompiler.load(arm_builds / "mlp-neon")
     with pytest.raises(TargetError, match="needs qemu-aarch64-not-installed"):
-        runner.run(tm.random_feeds(tm.quantized_mlp()))
+        runner.run(tm.random_feeds(GRAPHS["mlp-neon"][1]()))

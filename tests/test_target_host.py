@@ -110,3 +110,19 @@ def test_cli_compiles_and_artifact_runs(cli, tmp_path, preset):
     expected = qcompiler.load(tmp_path / "reference").run({"x": x})["y"]
     got = qcompiler.load(tmp_path / "host").run({"x": x})["y"]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_linear_saturates_and_maps_nan_to_the_zero_point(tmp_path):
+    """The reference's saturating QuantizeLinear: NaN → zero point, ±inf and huge values clamp."""
+    g = tm.GraphBuilder(0)
+    x = g.input("x", [2, 6])
+    q = g.op("QuantizeLinear", [x, g.const(np.float32(0.25)), g.const(np.int8(-3))])
+    u = g.op("QuantizeLinear", [x, g.const(np.float32(0.5)), g.const(np.uint8(200))])
+    model = g.model([(q, tm.TensorProto.INT8, [2, 6]), (u, tm.TensorProto.UINT8, [2, 6])])
+    build("host", model, tmp_path / "out")
+    x = np.array([[np.nan, np.inf, -np.inf, 3e38, -3e38, 0.375], [-0.125, 31.9, -32.1, 1e10, 64.0, -0.0]], np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = tm.reference(model, {"x": x})
+    got = qcompiler.load(tmp_path / "out").run({"x": x})
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)

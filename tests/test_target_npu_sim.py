@@ -123,9 +123,37 @@ def test_rejects_what_an_npu_cannot_run(case, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_rejects_int64_accumulating_attention_naming_the_node(tmp_path):
-    with pytest.raises(TargetError, match=r"target 'npu-sim': node '\w+' \(qcompiler.IntMatMul\)"):
-        build(tm.attention_block("ibert", act16=True), tmp_path / "out")
+def test_int32_only_npu_rejects_int64_accumulating_attention_naming_the_node(tmp_path):
+    with pytest.raises(TargetError, match=r"target 'npu-sim': node '\w+' \(qcompiler.IntMatMul\): the NPU accumulates in int32"):
+        build(tm.attention_block("ibert", act16=True), tmp_path / "out", "npu-sim{acc48=false}")
+
+
+def test_48_bit_accumulators_run_int16_activation_matmuls_bit_exact(tmp_path):
+    """Default acc48: a 16-bit-activation IntMatMul with an int64 accumulator is a 48-bit one."""
+    model = tm.attention_block("ibert", act16=True)
+    build(model, tmp_path / "out")
+    feeds = tm.random_feeds(model, 0)
+    got = qcompiler.load(tmp_path / "out").run(feeds)
+    for key, value in tm.reference(model, feeds).items():
+        np.testing.assert_array_equal(got[key], value)
+
+
+def test_48_bit_accumulator_bound_is_checked(tmp_path):
+    g = tm.GraphBuilder(0)  # |a|·|b|·K = 2^15 · 2^15 · 2^17 = 2^47
+    a = g.input("a", [1, 1 << 17], TensorProto.INT16)
+    b = g.input("b", [1 << 17, 1], TensorProto.INT16)
+    y = g.op("IntMatMul", [a, b], tm.QC, name="huge", acc_type="int64")
+    model = g.model([(y, TensorProto.INT64, [1, 1])])
+    with pytest.raises(TargetError, match=r"node 'huge' \(qcompiler.IntMatMul\): the sum can exceed the 48-bit accumulator"):
+        build(model, tmp_path / "out")
+
+
+def test_embedding_lookup_costs_the_rows_it_reads():
+    g = tm.GraphBuilder(0)
+    ids = g.input("ids", [1, 8], TensorProto.INT64)
+    rows = g.op("Gather", [g.weight((1000, 64)), ids], axis=0)
+    layer = estimate_cost(g.model([(rows, TensorProto.INT8, [1, 8, 64])]))["layers"][0]
+    assert layer["weight_bytes"] == 8 * 64
 
 
 def test_cli_rejects_a_float_graph_with_one_line(cli, tmp_path):

@@ -1,16 +1,19 @@
 // Native runner of a qcompiler TVM artifact: loads model.so into the Relax VM on the CPU,
-// calls "main" once and writes the outputs.
+// calls "main" and writes the outputs.
 //
-//   vm_runner MODEL.so IO_DIR
+//   vm_runner MODEL.so IO_DIR          one run: inputs and outputs in IO_DIR
+//   vm_runner MODEL.so IO_DIR COUNT    COUNT runs: IO_DIR/0, IO_DIR/1, ... each as above
 //
-// IO_DIR/inputs.txt has one line per input, "code bits ndim dim0 dim1 ..." (DLPack type
-// code: 0 int, 1 uint, 2 float, 6 bool), with the raw little-endian data in IO_DIR/inN.bin.
-// The runner writes IO_DIR/outputs.txt in the same format and IO_DIR/outN.bin.
+// An IO folder's inputs.txt has one line per input, "code bits ndim dim0 dim1 ..." (DLPack
+// type code: 0 int, 1 uint, 2 float, 6 bool), with the raw little-endian data in inN.bin.
+// The runner writes outputs.txt in the same format and outN.bin, and prints one line
+// "run I MICROSECONDS" per call of main (wall time of the call alone) on stdout.
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -64,23 +67,30 @@ void WriteOutput(const std::string& dir, size_t index, const ffi::Tensor& t, std
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::cerr << "usage: " << argv[0] << " MODEL.so IO_DIR\n";
+  if (argc != 3 && argc != 4) {
+    std::cerr << "usage: " << argv[0] << " MODEL.so IO_DIR [COUNT]\n";
     return 2;
   }
   try {
-    std::string dir = argv[2];
+    std::string root = argv[2];
+    int count = argc == 4 ? std::atoi(argv[3]) : 0;
     ffi::Module lib = ffi::Module::LoadFromFile(argv[1]);
     ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
     vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2);  // pooled allocator
     ffi::Function main_fn = vm->GetFunction("main").value();
-    std::vector<ffi::Tensor> inputs = ReadInputs(dir);
-    std::vector<ffi::AnyView> args(inputs.begin(), inputs.end());
-    ffi::Any result;
-    main_fn.CallPacked(args.data(), static_cast<int>(args.size()), &result);
-    auto outputs = result.cast<ffi::Array<ffi::Any>>();
-    std::ofstream spec(dir + "/outputs.txt");
-    for (size_t i = 0; i < outputs.size(); ++i) WriteOutput(dir, i, outputs[i].cast<ffi::Tensor>(), spec);
+    for (int run = 0; run < (count > 0 ? count : 1); ++run) {
+      std::string dir = count > 0 ? root + "/" + std::to_string(run) : root;
+      std::vector<ffi::Tensor> inputs = ReadInputs(dir);
+      std::vector<ffi::AnyView> args(inputs.begin(), inputs.end());
+      ffi::Any result;
+      auto start = std::chrono::steady_clock::now();
+      main_fn.CallPacked(args.data(), static_cast<int>(args.size()), &result);
+      auto micros = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
+      std::cout << "run " << run << ' ' << micros.count() << '\n';
+      auto outputs = result.cast<ffi::Array<ffi::Any>>();
+      std::ofstream spec(dir + "/outputs.txt");
+      for (size_t i = 0; i < outputs.size(); ++i) WriteOutput(dir, i, outputs[i].cast<ffi::Tensor>(), spec);
+    }
   } catch (const std::exception& err) {
     std::cerr << "vm_runner: " << err.what() << "\n";
     return 1;
