@@ -36,10 +36,11 @@ def pearson_lee(embed) -> float:
 
 
 class _Reader:
-    """onnxruntime CalibrationDataReader over the tokenized calibration sentences."""
+    """onnxruntime CalibrationDataReader over calibration arrays (N, *input_shape) keyed by input name."""
 
     def __init__(self, tokens):
-        self.samples = [{k: v[i] for k, v in tokens.items()} for i in range(tokens["input_ids"].shape[0])]
+        count = next(iter(tokens.values())).shape[0]
+        self.samples = [{k: v[i] for k, v in tokens.items()} for i in range(count)]
         self.index = 0
 
     def get_next(self):
