@@ -3,6 +3,10 @@
 The artifact is ``model.so`` (a Relax VM executable exported as a shared library:
 kernels, constants and VM bytecode) plus ``README.md``. ``main`` takes the inputs
 in manifest order and returns a tuple of the outputs in manifest order.
+
+When the LLVM target's CPU has AVX-512 VNNI, every int8 matmul is a scheduled kernel
+``qc_int8_*_vnni`` tensorized with ``vpdpbusd`` (u8 × s8, weights pre-packed at compile
+time); the manifest's ``int8_dot_kernel`` says which (None: TVM's generic dense kernels).
 """
 
 from __future__ import annotations
@@ -91,10 +95,24 @@ class HostTarget(Target):
         from . import tvm_bridge
 
         target = self.tvm_target()
-        executable = tvm_bridge.compile(tvm_bridge.lower(model), target)
+        dot = self.int8_dot(target)
+        mod, lowering = tvm_bridge.lower_with_report(model, int8_dot=dot)
+        executable = tvm_bridge.compile(mod, target)
         tvm_bridge.export(executable, out_dir / LIBRARY)
         write_readme(out_dir, self.name, LIBRARY, target, model)
-        return {"library": LIBRARY, "tvm_target": target}
+        return {
+            "library": LIBRARY, "tvm_target": target, "int8_dot_kernel": dot,
+            "int8_matmul_kernels": lowering["int8_matmul_kernels"],
+            "int8_matmul_fallback": lowering["int8_matmul_fallback"],
+        }
+
+    @staticmethod
+    def int8_dot(target: dict) -> str | None:
+        """``"vnni"`` (scheduled ``vpdpbusd`` int8 matmul kernels) when the LLVM target's CPU
+        has AVX-512 VNNI, else None (TVM's generic dense kernels)."""
+        from . import tvm_bridge
+
+        return "vnni" if tvm_bridge.llvm_has_feature(target, "avx512vnni") else None
 
     @classmethod
     def load(cls, out_dir: Path, manifest: dict) -> Runner:

@@ -102,15 +102,19 @@ def host_array(array: np.ndarray) -> np.ndarray:
 
 
 #: ``int8_dot`` choices: scheduled int8 matmul kernels tensorized with these instructions.
-INT8_DOT = {"sdot": "aarch64 sdot (Armv8.2 dotprod)", "neon": "aarch64 smull + saddlp + addp (Armv8.0 NEON)"}
+INT8_DOT = {
+    "sdot": "aarch64 sdot (Armv8.2 dotprod)",
+    "neon": "aarch64 smull + saddlp + addp (Armv8.0 NEON)",
+    "vnni": "x86 AVX-512 VNNI vpdpbusd (u8 × s8, 16 × 4 per instruction)",
+}
 
 
 def lower(model: ir.Model, *, int8_dot: str | None = None):
     """Relax ``IRModule`` with one function ``main(*inputs) -> (outputs...)``.
 
-    ``int8_dot`` (aarch64 only: ``"sdot"`` or ``"neon"``): every int8 × int8 → int32
-    matmul becomes a scheduled kernel ``qc_int8_*`` tensorized with that dot-product
-    instruction (see :func:`lower_with_report`).
+    ``int8_dot`` (aarch64: ``"sdot"`` or ``"neon"``; x86 with AVX-512 VNNI: ``"vnni"``):
+    every int8 × int8 → int32 matmul becomes a scheduled kernel ``qc_int8_*`` tensorized
+    with that dot-product instruction (see :func:`lower_with_report`).
     """
     return lower_with_report(model, int8_dot=int8_dot)[0]
 
@@ -479,8 +483,9 @@ def _matmul_acc(lo: _Lowerer, a, b, za, zb, acc: str, b_const: np.ndarray | None
 
     int32 products are written as dot products over a contiguous reduction axis
     (``[N, K]`` weights, TVM's ``dense``/``batch_matmul``), the form LLVM vectorises
-    into ``sdot``/``vpdpbusd``; with ``int8_dot`` int8 products use the scheduled
-    kernels of :func:`_int8_dense`/:func:`_int8_batch_matmul`. int32 wraps like the
+    into ``sdot`` (LLVM alone does not reach ``vpdpbusd``); with ``int8_dot`` int8
+    products use the scheduled kernels of :func:`_int8_dense`/:func:`_int8_batch_matmul`
+    (``vnni``: :func:`_vnni_dense`, :func:`_vnni_bmm_kernel`). int32 wraps like the
     exact sum, which fits by contract.
     """
     from tvm import topi
@@ -567,7 +572,7 @@ def _int16_by_int8(lo: _Lowerer, a, b_const: np.ndarray, za, zb, acc: str):
     return lo.emit(R.reshape(out, (*a_shape[:-1], n)))
 
 
-# -- scheduled int8 matmul kernels (aarch64 dot product) ------------------------------------
+# -- scheduled int8 matmul kernels (aarch64 dot product; the x86 VNNI ones below) -----------
 
 _DOT_INTRINSICS: dict[str, str] = {}
 
@@ -652,6 +657,44 @@ def _define_dot_intrinsics(tvm, T) -> None:
         tvm.s_tir.TensorIntrin.register(name, desc, impl, override=True)
         _DOT_INTRINSICS[kind] = name
 
+    def vnni_pair(scope: str):
+        @T.prim_func(s_tir=True)
+        def vnni_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+            B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+            C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope=scope)
+            with T.sblock("root"):
+                T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+                T.writes(C[0:16])
+                for i in T.serial(0, 16):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+        @T.prim_func(s_tir=True)
+        def vnni(a: T.handle, b: T.handle, c: T.handle) -> None:
+            # LLVM 22: <16 x i32> vpdpbusd.512(<16 x i32> acc, <64 x i8> u8, <64 x i8> s8)
+            A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+            B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+            C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope=scope)
+            with T.sblock("root"):
+                T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+                T.writes(C[0:16])
+                a4 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+                va = T.reinterpret(T.broadcast(a4, 16), dtype="int8x64")
+                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                    C.vload([0], dtype="int32x16"), va, B.vload([0, 0], dtype="int8x64"), dtype="int32x16",
+                )
+
+        return vnni_desc, vnni
+
+    # the accumulators live in a "local" tile (a tensor intrinsic matches one buffer scope)
+    name = "qcompiler_dot_16x4_u8i8s32_vnni"
+    tvm.s_tir.TensorIntrin.register(name, *vnni_pair("local"), override=True)
+    _DOT_INTRINSICS["vnni"] = name
+
 
 
 def _signed8(lo: _Lowerer, x, zp):
@@ -677,6 +720,8 @@ def _int8_dense(lo: _Lowerer, a, w_nk: np.ndarray, za):
     if w_nk.dtype != np.int8 or (za is not None and np.size(za) > 1):
         lo.int8_fallback.append(lo.node_name)
         return None
+    if lo.int8_dot == "vnni":
+        return _vnni_dense(lo, a, w_nk, za)
     a, z = _signed8(lo, a, za)
     m, k = lo.shape(a)
     n = w_nk.shape[0]
@@ -710,13 +755,14 @@ def _int8_batch_matmul(lo: _Lowerer, a, b, za, zb):
     ):
         lo.int8_fallback.append(lo.node_name)
         return None
-    (a, za), (b, zb) = _signed8(lo, a, za), _signed8(lo, b, zb)
+    vnni = lo.int8_dot == "vnni"
+    (a, za), (b, zb) = (_unsigned8 if vnni else _signed8)(lo, a, za), _signed8(lo, b, zb)
     batch = math.prod(a_shape[:-2])
     m, k = a_shape[-2:]
     n = b_shape[-1]
     a3 = lo.emit(R.reshape(a, (batch, m, k)))
     b3 = lo.emit(R.reshape(b, (batch, k, n)))
-    k4, n4 = -(-k // 4) * 4, -(-n // 4) * 4
+    k4, n4 = -(-k // 4) * 4, -(-n // (16 if vnni else 4)) * (16 if vnni else 4)
     a_in = lo.emit(R.nn.pad(a3, [0, 0, 0, 0, 0, k4 - k])) if k4 != k else a3  # zero products
     b_in = lo.emit(R.nn.pad(b3, [0, 0, 0, k4 - k, 0, n4 - n])) if (k4, n4) != (k, n) else b3
     kernel = _int8_kernel(lo, "bmm", (batch, m, n4, k4))
@@ -743,7 +789,10 @@ def _int8_kernel(lo: _Lowerer, kind: str, shape: tuple[int, ...]):
     gvar = lo._kernel_vars.get(key)
     if gvar is None:
         name = f"qc_int8_{kind}_{'x'.join(map(str, shape))}_{lo.int8_dot}"
-        func = _dense_kernel(*shape, lo.int8_dot) if kind == "dense" else _bmm_kernel(*shape, lo.int8_dot)
+        if lo.int8_dot == "vnni":
+            func = _vnni_dense_kernel(*shape) if kind == "dense" else _vnni_bmm_kernel(*shape)
+        else:
+            func = _dense_kernel(*shape, lo.int8_dot) if kind == "dense" else _bmm_kernel(*shape, lo.int8_dot)
         gvar = lo.bb.add_func(func.with_attr("global_symbol", name), name)
         lo._kernel_vars[key] = gvar
         lo.int8_kernels[name] = []
@@ -803,6 +852,127 @@ def _schedule_dot(func, dot: str):
     sch.reorder(*order)
     sch.decompose_reduction(block, ro)
     sch.tensorize(ji, intrinsic)
+    return sch.mod["main"].with_attr("op_pattern", 8)  # opaque: keep it out of operator fusion
+
+
+# -- scheduled int8 matmul kernels (x86 AVX-512 VNNI) ------------------------------------------
+
+#: Register tile of the VNNI kernels: up to this many rows × 16-column groups of int32
+#: accumulators (4 × 4 zmm registers), each updated by one ``vpdpbusd`` per 4 of K.
+_VNNI_ROWS = (4, 3, 2, 1)
+_VNNI_GROUPS = (4, 3, 2, 1)
+
+
+def _unsigned8(lo: _Lowerer, x, zp):
+    """A uint8 view of an 8-bit tensor and its zero point: int8 ``x`` becomes ``x + 128``
+    (flipping the sign bit), so ``x − zp = (x + 128) − (zp + 128)``; None for wider types."""
+    dtype = lo.dtype(x)
+    zp = 0 if zp is None else int(np.asarray(zp).reshape(()))
+    if dtype == "uint8":
+        return x, zp
+    if dtype != "int8":
+        return None
+    R = lo.R
+    flipped = lo.emit(R.bitwise_xor(x, lo.relax.const(np.array([-128], np.int8), "int8")))
+    return lo.emit(R.astype(flipped, "uint8")), zp + 128
+
+
+def _vnni_dense(lo: _Lowerer, a, w_nk: np.ndarray, za):
+    """``(a − za) · w_nkᵀ`` with the VNNI kernel: ``a`` as uint8 (``a + 128`` for int8), the
+    weights pre-packed to [N/16, K/4, 16, 4] (N, K zero-padded) and the zero-point
+    correction ``za'·colsum(W)`` subtracted in the kernel's epilogue."""
+    R = lo.R
+    a, z = _unsigned8(lo, a, za)
+    m, k = lo.shape(a)
+    n = w_nk.shape[0]
+    n16, k4 = -(-n // 16) * 16, -(-k // 4) * 4
+    if k4 != k:
+        a = lo.emit(R.nn.pad(a, [0, 0, 0, k4 - k]))
+    padded = np.zeros((n16, k4), np.int8)
+    padded[:n, :k] = w_nk
+    packed = np.ascontiguousarray(padded.reshape(n16 // 16, 16, k4 // 4, 4).transpose(0, 2, 1, 3))
+    corr = np.zeros(n16, np.int64)
+    corr[:n] = z * w_nk.astype(np.int64).sum(axis=1)
+    kernel = _int8_kernel(lo, "dense", (m, n16, k4))
+    args = [a, lo._const(packed), lo.relax.const(corr.astype(np.int32), "int32")]
+    y = lo.emit(lo.relax.call_tir(kernel, args, lo.relax.TensorType((m, n16), "int32")))
+    if n16 != n:
+        y = lo.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    return y
+
+
+def _vnni_dense_kernel(m: int, n: int, k: int):
+    """``D[m, n] = Σ_k A[m, k] · W[n/16, k/4, n%16, k%4] − corr[n]`` (u8 × s8 → int32)."""
+    from tvm import te
+
+    a = te.placeholder((m, k), "uint8", name="A")
+    w = te.placeholder((n // 16, k // 4, 16, 4), "int8", name="W")
+    corr = te.placeholder((n,), "int32", name="corr")
+    r = te.reduce_axis((0, k), name="k")
+    c = te.compute(
+        (m, n), lambda i, j: te.sum(a[i, r].astype("int32") * w[j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r),
+        name="C",
+    )
+    d = te.compute((m, n), lambda i, j: c[i, j] - corr[j], name="D")
+    return _schedule_vnni(te.create_prim_func([a, w, corr, d]))
+
+
+def _vnni_bmm_kernel(batch: int, m: int, n: int, k: int):
+    """``C[b, m, n] = Σ_k A[b, m, k] · B[b, k, n]`` (u8 × s8 → int32): each batch's B is
+    packed to [n/16, k/4, 16, 4] inside the kernel, then the product is VNNI tensorized."""
+    from tvm import te
+
+    a = te.placeholder((batch, m, k), "uint8", name="A")
+    b = te.placeholder((batch, k, n), "int8", name="B")
+    packed = te.compute(
+        (batch, n // 16, k // 4, 16, 4), lambda q, jo, ro, ji, ri: b[q, ro * 4 + ri, jo * 16 + ji], name="B_packed"
+    )
+    r = te.reduce_axis((0, k), name="k")
+    c = te.compute(
+        (batch, m, n),
+        lambda q, i, j: te.sum(a[q, i, r].astype("int32") * packed[q, j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r),
+        name="C",
+    )
+    d = te.compute((batch, m, n), lambda q, i, j: c[q, i, j], name="D")
+    return _schedule_vnni(te.create_prim_func([a, b, d]))
+
+
+def _schedule_vnni(func):
+    """Tile ``rows × groups`` of 16 columns (int32 accumulators kept in a local tile), reduce
+    over K in steps of 4 with the 16×4 ``vpdpbusd`` intrinsic, write the tile back through
+    the vectorised epilogue ``D``; the outermost loop runs in parallel."""
+    import tvm
+
+    intrinsic = _dot_intrinsics()["vnni"]
+    sch = tvm.s_tir.Schedule(func)
+    block = sch.get_sblock("C")
+    loops = sch.get_loops(block)
+    outer, (i, j, r) = loops[:-3], loops[-3:]
+    rows = int(sch.get_sref(i).stmt.extent)
+    groups = int(sch.get_sref(j).stmt.extent) // 16
+    mr = next(x for x in _VNNI_ROWS if rows % x == 0)
+    nr = next(x for x in _VNNI_GROUPS if groups % x == 0)
+    jo, ji = sch.split(j, [None, 16])
+    ro, ri = sch.split(r, [None, 4])
+    io, ii = sch.split(i, [None, mr])
+    joo, joi = sch.split(jo, [None, nr])
+    sch.reorder(*outer, io, joo, ro, ii, joi, ji, ri)
+    epilogue = sch.get_sblock("D")
+    sch.reverse_compute_at(epilogue, joo)
+    sch.set_scope(block, 0, "local")
+    if outer:  # batch matmul: pack this batch's B once, next to its products
+        packed = sch.get_sblock("B_packed")
+        sch.compute_at(packed, outer[-1])
+        sch.vectorize(sch.get_loops(packed)[-1])
+        sch.parallel(outer[0])
+    else:
+        sch.parallel(io)
+    sch.unroll(ii)
+    sch.unroll(joi)
+    init = sch.decompose_reduction(block, ro)
+    sch.tensorize(ji, intrinsic)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(epilogue)[-1])
     return sch.mod["main"].with_attr("op_pattern", 8)  # opaque: keep it out of operator fusion
 
 
@@ -1059,6 +1229,16 @@ def host_cpu() -> str:
     from tvm.target import codegen
 
     return str(codegen.llvm_get_system_cpu())
+
+
+def llvm_has_feature(target: Mapping[str, Any], feature: str) -> bool:
+    """Whether an LLVM target dict's CPU (``mcpu`` and ``mattr``) has ``feature`` (e.g. ``avx512vnni``)."""
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.target_has_features(feature, make_target(target)))
+    except Exception:  # an LLVM without that architecture
+        return False
 
 
 def host_triple() -> str:

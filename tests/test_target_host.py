@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
+from onnx import TensorProto
 
 import qcompiler
 import target_models as tm
@@ -126,3 +128,112 @@ def test_quantize_linear_saturates_and_maps_nan_to_the_zero_point(tmp_path):
     got = qcompiler.load(tmp_path / "out").run({"x": x})
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+# -- int8 matmuls as scheduled AVX-512 VNNI (vpdpbusd) kernels ------------------------------
+
+
+def _has_vnni() -> bool:
+    from qcompiler.targets.host import HostTarget
+
+    return HostTarget().int8_dot(HostTarget().tvm_target()) == "vnni"
+
+
+def dense_int8_zero_points() -> tm.ir.Model:
+    """int8 x[5, 37] with zero point −3 · (W − 5) [37, 21]: K, N not multiples of 4 / 16."""
+    g = tm.GraphBuilder(11)
+    x = g.input("x", [5, 37], TensorProto.INT8)
+    acc = g.op("MatMulInteger", [x, g.weight((37, 21), -100, 101), g.const(np.int8(-3)), g.const(np.int8(5))], name="fc")
+    return g.model([(acc, TensorProto.INT32, [5, 21])])
+
+
+def dense_uint8_requant() -> tm.ir.Model:
+    """uint8 x[2, 3, 64] with zero point 131 → 64→48 (per-column weight zero points) → requantize → 48→20."""
+    g = tm.GraphBuilder(12)
+    x = g.input("x", [2, 3, 64], TensorProto.UINT8)
+    zw = g.rng.integers(-4, 5, 48).astype(np.int8)
+    acc = g.op("MatMulInteger", [x, g.weight((64, 48), -120, 121), g.const(np.uint8(131)), g.const(zw)], name="fc1")
+    h = g.requant(acc, g.rng.uniform(0.0002, 0.0004, 48), np.uint8(128), axis=2)
+    acc = g.op("MatMulInteger", [h, g.weight((48, 20)), g.const(np.uint8(128))], name="fc2")
+    return g.model([(acc, TensorProto.INT32, [2, 3, 20])])
+
+
+def batch_matmul_activations() -> tm.ir.Model:
+    """int8 a[2, 3, 7, 13] (zp 4) @ uint8 b[2, 3, 13, 19] (zp 200) and uint8 a @ int8 b: both activations."""
+    g = tm.GraphBuilder(13)
+    a = g.input("a", [2, 3, 7, 13], TensorProto.INT8)
+    b = g.input("b", [2, 3, 13, 19], TensorProto.UINT8)
+    c = g.input("c", [2, 3, 7, 13], TensorProto.UINT8)
+    d = g.input("d", [2, 3, 13, 33], TensorProto.INT8)
+    ab = g.op("MatMulInteger", [a, b, g.const(np.int8(4)), g.const(np.uint8(200))], name="ab")
+    cd = g.op("MatMulInteger", [c, d, g.const(np.uint8(7)), g.const(np.int8(-2))], name="cd")
+    return g.model([(ab, TensorProto.INT32, [2, 3, 7, 19]), (cd, TensorProto.INT32, [2, 3, 7, 33])])
+
+
+def int16_by_int8() -> tm.ir.Model:
+    """int16 x[4, 50] (zp 300) · int8 W[50, 40]: split into two int8 products (int32 and int64 accumulators)."""
+    g = tm.GraphBuilder(14)
+    x = g.input("x", [4, 50], TensorProto.INT16)
+    acc32 = g.op("IntMatMul", [x, g.weight((50, 40), -60, 61), g.const(np.int16(300))], tm.QC, name="mm32")
+    acc64 = g.op("IntMatMul", [x, g.weight((50, 40)), g.const(np.int16(300))], tm.QC, name="mm64", acc_type="int64")
+    return g.model([(acc32, TensorProto.INT32, [4, 40]), (acc64, TensorProto.INT64, [4, 40])])
+
+
+VNNI_GRAPHS = {
+    "dense-int8-zero-points": dense_int8_zero_points,
+    "dense-uint8-requant": dense_uint8_requant,
+    "batch-matmul-activations": batch_matmul_activations,
+    "int16-by-int8": int16_by_int8,
+}
+
+
+@pytest.mark.parametrize("name", sorted(VNNI_GRAPHS))
+def test_int8_matmul_kernels_bit_exact(tmp_path, name):
+    """Bit-exact with the reference; with VNNI every int8 matmul is a scheduled kernel."""
+    model = VNNI_GRAPHS[name]()
+    manifest = build("host", model, tmp_path / name)
+    info = manifest["target_info"]
+    if _has_vnni():
+        assert info["int8_dot_kernel"] == "vnni" and info["int8_matmul_kernels"], info
+        assert info["int8_matmul_fallback"] == []
+    runner = qcompiler.load(tmp_path / name)
+    for seed in range(3):
+        feeds = tm.random_feeds(model, seed)
+        expected = tm.reference(model, feeds)
+        got = runner.run(feeds)
+        for key, value in expected.items():
+            assert got[key].dtype == value.dtype
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{name}/{key}/seed {seed}")
+
+
+def test_generic_cpu_build_has_no_vnni_kernels(tmp_path):
+    info = build("host{mcpu=x86-64}", dense_int8_zero_points(), tmp_path / "generic")["target_info"]
+    assert info["int8_dot_kernel"] is None and info["int8_matmul_kernels"] == {}
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="this CPU (LLVM's host target) has no AVX-512 VNNI")
+def test_vnni_kernels_use_vpdpbusd():
+    from qcompiler.targets import tvm_bridge
+    from qcompiler.targets.host import HostTarget
+
+    target = HostTarget().tvm_target()
+    for name in ("dense-uint8-requant", "batch-matmul-activations"):
+        mod, report = tvm_bridge.lower_with_report(VNNI_GRAPHS[name](), int8_dot="vnni")
+        assert report["int8_matmul_kernels"] and report["int8_matmul_fallback"] == []
+        asm = tvm_bridge.assembly(tvm_bridge.compile(mod, target))
+        for kernel in report["int8_matmul_kernels"]:
+            assert "vpdpbusd" in _kernel_assembly(asm, kernel), f"{name}: no vpdpbusd in {kernel}"
+    plain = tvm_bridge.assembly(tvm_bridge.compile(tvm_bridge.lower(dense_int8_zero_points()), target))
+    assert "vpdpbusd" not in plain  # the generic dense kernel does not reach it by itself
+
+
+def _kernel_assembly(asm: str, kernel: str) -> str:
+    """A kernel's body and the parallel lambdas that follow it (where its loops run)."""
+    start = asm.index(f"\n{kernel}_compute_:")
+    pieces = re.split(r"\n\t\.type\t([^,]+),@function", asm[start:])
+    text = pieces[0]
+    for name, body in zip(pieces[1::2], pieces[2::2]):
+        if "parallel_lambda" not in name:
+            break
+        text += body
+    return text
