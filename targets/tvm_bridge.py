@@ -852,7 +852,7 @@ def _schedule_dot(func, dot: str):
     sch.reorder(*order)
     sch.decompose_reduction(block, ro)
     sch.tensorize(ji, intrinsic)
-    return sch.mod["main"].with_attr("op_pattern", 8)  # opaque: keep it out of operator fusion
+    return sch.mod["main"].with_attr("op_pattern", 8).with_attr(SCHEDULED, True)  # opaque: kept out of fusion
 
 
 # -- scheduled int8 matmul kernels (x86 AVX-512 VNNI) ------------------------------------------
@@ -973,7 +973,7 @@ def _schedule_vnni(func):
     sch.tensorize(ji, intrinsic)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(epilogue)[-1])
-    return sch.mod["main"].with_attr("op_pattern", 8)  # opaque: keep it out of operator fusion
+    return sch.mod["main"].with_attr("op_pattern", 8).with_attr(SCHEDULED, True)  # opaque: kept out of fusion
 
 
 def _column_view(zp, ndim: int) -> np.ndarray:
@@ -1272,7 +1272,75 @@ def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disa
                 mod = dl.ApplyDefaultSchedule(
                     dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
                 )(mod)
+        elif target.get("kind") == "llvm":
+            with tgt, _fast_tvmscript():
+                mod = _schedule_cpu(mod)
         return tvm.compile(mod, target=tgt)
+
+
+#: PrimFunc attribute of the kernels this module schedules itself (left alone by _schedule_cpu).
+SCHEDULED = "qcompiler.scheduled"
+#: Below this many output elements a kernel runs on one thread (fork/join costs more).
+_PARALLEL_MIN_ELEMENTS = 4096
+
+
+def _schedule_cpu(mod):
+    """Schedule every fused kernel that has no schedule of its own for a multi-core CPU:
+    inline the element-wise producers into their consumers (no intermediate buffers),
+    then run the fused spatial loop in parallel and the innermost spatial chunk as SIMD.
+    Loop order within a reduction is untouched, so results are bit-identical."""
+    import tvm
+
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and not (func.attrs and SCHEDULED in func.attrs):
+            scheduled = _cpu_kernel_schedule(func)
+            if scheduled is not None:
+                mod[gvar] = scheduled
+    return mod
+
+
+def _cpu_kernel_schedule(func):
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
+
+    sch = s_tir.Schedule(func)
+    try:
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        for info in infos:
+            block = info.block_rv
+            loops = sch.get_loops(block)
+            kinds = info.dom_kind()
+            if len(loops) != len(kinds):
+                continue
+            spatial = [l for l, k in zip(loops, kinds) if k == "S"]
+            rest = [l for l, k in zip(loops, kinds) if k != "S"]
+            if not spatial:
+                continue
+            sch.reorder(*spatial, *rest)
+            fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+            extent = sch.get(fused).extent
+            if not isinstance(extent, int):
+                extent = int(extent) if hasattr(extent, "value") or str(extent).isdigit() else None
+            if extent is None or extent < _PARALLEL_MIN_ELEMENTS // 64:
+                continue
+            if rest:  # reductions: whole rows per thread
+                sch.parallel(fused)
+                continue
+            lanes = next((v for v in (16, 8, 4) if extent % v == 0 and extent >= 4 * v), None)
+            if lanes is None:
+                sch.parallel(fused)
+                continue
+            outer, inner = sch.split(fused, [None, lanes])
+            if extent >= _PARALLEL_MIN_ELEMENTS:
+                sch.parallel(outer)
+            sch.vectorize(inner)
+    except Exception:  # noqa: BLE001 - an unschedulable kernel keeps TVM's default loops
+        return None
+    return sch.mod["main"].with_attr(SCHEDULED, True)
 
 
 def export(executable, path: Path, *, cc: str | None = None, options: Sequence[str] = ()) -> None:
