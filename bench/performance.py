@@ -13,13 +13,16 @@ Models: all-MiniLM-L6-v2 (batch 1, seq 128) and the digits CNN
     torch int8 dynamic           torch.ao.quantization.quantize_dynamic on nn.Linear
 
 Runs are interleaved (A B C … A B C …) in one process after a warm-up, so every
-contender sees the same machine state; the table gives the median and min–max in ms
+contender sees the same machine state (no thread pool spin-waits between calls:
+``OMP_WAIT_POLICY=PASSIVE``, ``TVM_THREAD_POOL_SPIN_COUNT=0``, ORT
+``session.intra_op.allow_spinning=0``); the table gives the median and min–max in ms
 and the ratio of medians to ORT FP32 and to ORT's fastest int8 mode. Also:
 
 * int8 GEMM micro-benchmark: ``MatMulInteger`` (u8 activations × s8 constant weights →
   int32) built by the host target for M=128 and (K, N) in (384, 1536), (1536, 384),
   against onnxruntime's MatMulInteger; GOPS = 2·M·N·K / time and the fraction of this
-  CPU's int8 peak, measured by ``bench/int8_peak.c`` (a ``vpdpbusd`` / ``sdot`` loop).
+  CPU's int8 peak, measured by ``bench/int8_peak.c`` (a ``vpdpbusd`` / ``sdot`` loop;
+  on CPUs with AMX, onnxruntime's MLAS uses the tile unit, which is faster than that peak).
 * the artifact runner's per-call overhead: ``qcompiler.load(out).run`` against calling
   the VM's ``main`` with tensors made once.
 * compile time and peak RSS of ``qcompile`` on MiniLM (w8a8, host, no tuning).
@@ -44,6 +47,10 @@ from typing import Callable
 THREADS = 2
 os.environ["TVM_NUM_THREADS"] = str(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
+# No runtime busy-waits for work between calls: with interleaved runs on a few cores a
+# spinning thread pool (ORT's, OpenMP's, TVM's) would steal the next contender's cores.
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -99,7 +106,7 @@ def qcompile(*args) -> dict:
     """Run the ``qcompile`` command; wall time and the child's peak RSS."""
     exe = Path(sys.executable).with_name("qcompile")
     start = time.perf_counter()
-    proc = subprocess.Popen([str(exe), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(exe), *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -118,6 +125,7 @@ def ort_session(path: Path):
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -237,3 +237,30 @@ def _kernel_assembly(asm: str, kernel: str) -> str:
             break
         text += body
     return text
+
+
+def test_fused_kernels_are_scheduled_for_the_cpu():
+    """Every fused element-wise/reduction kernel of an attention block is scheduled
+    (inlined, parallel, SIMD); bit-exactness is checked by the tests above on the same builds."""
+    import tvm
+    from tvm import relax
+
+    from qcompiler.targets import tvm_bridge
+
+    mod = tvm_bridge.lower(tm.attention_block("ibert"))
+    with tvm.transform.PassContext(opt_level=3):
+        fused = relax.get_pipeline("zero")(mod)
+    kernels = [g.name_hint for g, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    with tvm.target.Target(_host_tvm_target()):
+        scheduled = tvm_bridge._schedule_cpu(fused)
+    marked = [g.name_hint for g, f in scheduled.functions.items()
+              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and tvm_bridge.SCHEDULED in f.attrs]
+    assert kernels and len(marked) == len(kernels), sorted(set(kernels) - set(marked))
+    text = scheduled.script()
+    assert "T.parallel" in text and "T.vectorized" in text
+
+
+def _host_tvm_target() -> dict:
+    from qcompiler.targets.host import HostTarget
+
+    return HostTarget().tvm_target()
