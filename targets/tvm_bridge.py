@@ -1272,9 +1272,19 @@ def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disa
                 mod = dl.ApplyDefaultSchedule(
                     dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
                 )(mod)
-        elif target.get("kind") == "llvm":
+            return tvm.compile(mod, target=tgt)
+        if target.get("kind") != "llvm":
+            return tvm.compile(mod, target=tgt)
+        # CPU: scheduled kernels; LLVM code generation rejects a few vectorised forms
+        # (e.g. some boolean vector selects), so fall back to scalar inner loops, then
+        # to TVM's default loops, rather than fail the build.
+        for vectorize in (True, False):
             with tgt, _fast_tvmscript():
-                mod = _schedule_cpu(mod)
+                scheduled = _schedule_cpu(mod, vectorize=vectorize)
+            try:
+                return tvm.compile(scheduled, target=tgt)
+            except Exception:  # noqa: BLE001 - retried with a simpler schedule below
+                continue
         return tvm.compile(mod, target=tgt)
 
 
@@ -1284,22 +1294,23 @@ SCHEDULED = "qcompiler.scheduled"
 _PARALLEL_MIN_ELEMENTS = 4096
 
 
-def _schedule_cpu(mod):
+def _schedule_cpu(mod, *, vectorize: bool = True):
     """Schedule every fused kernel that has no schedule of its own for a multi-core CPU:
     inline the element-wise producers into their consumers (no intermediate buffers),
     then run the fused spatial loop in parallel and the innermost spatial chunk as SIMD.
     Loop order within a reduction is untouched, so results are bit-identical."""
     import tvm
 
+    mod = mod.clone()
     for gvar, func in list(mod.functions.items()):
         if isinstance(func, tvm.tirx.PrimFunc) and not (func.attrs and SCHEDULED in func.attrs):
-            scheduled = _cpu_kernel_schedule(func)
+            scheduled = _cpu_kernel_schedule(func, vectorize)
             if scheduled is not None:
                 mod[gvar] = scheduled
     return mod
 
 
-def _cpu_kernel_schedule(func):
+def _cpu_kernel_schedule(func, vectorize: bool = True):
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import try_inline
@@ -1330,7 +1341,7 @@ def _cpu_kernel_schedule(func):
             if rest:  # reductions: whole rows per thread
                 sch.parallel(fused)
                 continue
-            lanes = next((v for v in (16, 8, 4) if extent % v == 0 and extent >= 4 * v), None)
+            lanes = next((v for v in (16, 8, 4) if extent % v == 0 and extent >= 4 * v), None) if vectorize else None
             if lanes is None:
                 sch.parallel(fused)
                 continue
