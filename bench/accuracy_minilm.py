@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         ("qcompiler w8a8 (integer stage)", PRESETS["w8a8"].spec),
         ("qcompiler w4a8 (integer stage)", PRESETS["w4a8"].spec),
         ("qcompiler mixed precision ≤6 weight bits (integer stage)",
-         PRESETS["w8a8"].spec.replace(",lower-integer", ",allocate-bits{budget=6.0},lower-integer")),
+         PRESETS["w8a8"].spec.replace(",lower-integer", ",allocate-bits{budget=6.0,valid_mask=attention_mask},lower-integer")),
     ):
         if wanted(name):
             run, extra = ours(model_path, calib_path, spec, work, name)

@@ -11,7 +11,9 @@ Theorem 8 gives the closed-form allocation
 (``n_l`` parameters of layer ``l``; ``λ`` chosen by bisection so the parameter-weighted
 average meets the budget). That continuous solution ranks the layers; they are then
 rounded to {4, 8}: the layers with the lowest closed-form ``b_l`` go to 4 bits until
-the budget is met, and the result is measured.
+the budget is met, and the result is measured. With ``bias_correction`` the mean output
+shift of each 4-bit layer, ``x̄·(W_q − W)`` (``x̄`` the mean float input on calibration
+data), is removed from its bias.
 
 Activations: each quantized activation (group of tensors sharing parameters) is
 measured at 8 bits with every other activation at 16 (added output noise ``ΔN_t``);
@@ -42,14 +44,30 @@ from qcompiler.passes.fake_quant import quantize_biases
 
 class _Evaluator:
     """Runs variants of a QDQ model on a few samples (onnxruntime) and scores them
-    against the float model's outputs (SQNR over all outputs, in dB)."""
+    against the float model's outputs (SQNR over all outputs, in dB).
 
-    def __init__(self, model: ir.Model, float_proto: onnx.ModelProto, samples: list[dict]):
+    With ``mask_input`` (a model input of 0/1 values, e.g. a padding mask), output
+    positions where it is 0 are left out: an output whose leading dimensions have the
+    mask's shape keeps only the unmasked positions."""
+
+    def __init__(self, model: ir.Model, float_proto: onnx.ModelProto, samples: list[dict], mask_input: str | None = None):
         self.samples = samples
+        self.mask_input = mask_input
         reference = self._session(float_proto)
         self.outputs = [o.name for o in float_proto.graph.output]
-        self.reference = [np.concatenate([np.ravel(a) for a in reference.run(None, s)]) for s in samples]
+        self.reference = [self._select(reference.run(None, s), s) for s in samples]
         self.model = model
+
+    def _select(self, outputs, sample: dict) -> np.ndarray:
+        mask = None if self.mask_input is None else np.asarray(sample[self.mask_input]) != 0
+        parts = []
+        for array in outputs:
+            array = np.asarray(array)
+            if mask is not None and array.shape[: mask.ndim] == mask.shape:
+                parts.append(array[mask].ravel())
+            else:
+                parts.append(array.ravel())
+        return np.concatenate(parts)
 
     @staticmethod
     def _session(proto: onnx.ModelProto):
@@ -63,7 +81,7 @@ class _Evaluator:
     def score(self) -> tuple[float, float]:
         """``(SQNR dB, noise power)`` of the current model against float."""
         session = self._session(ir.to_proto(self.model))
-        outs = [np.concatenate([np.ravel(a) for a in session.run(None, s)]) for s in self.samples]
+        outs = [self._select(session.run(None, s), s) for s in self.samples]
         ref = np.concatenate(self.reference)
         got = np.concatenate(outs)
         return sqnr_db(ref, got), float(np.mean((ref.astype(np.float64) - got) ** 2))
@@ -127,6 +145,8 @@ class AllocateBits(Pass):
     act_noise_ratio: float = option(1.0, "8-bit activations may add at most this × the all-16-bit output noise (negative: leave activations as they are)")
     samples: int = option(8, "calibration samples used to measure sensitivity")
     weight_method: Literal["mse", "gptq"] = option("gptq", "how 4-bit weights are quantized (GPTQ needs the float model's layer inputs)")
+    valid_mask: str = option("", "model input whose 0 entries mark padded positions, left out of the sensitivity metric (e.g. attention_mask)")
+    bias_correction: bool = option(True, "fold the mean output shift of each 4-bit layer, x̄·(W_q − W), into its bias")
 
     def __post_init__(self):
         if not 4.0 <= self.budget <= 8.0:
@@ -142,8 +162,11 @@ class AllocateBits(Pass):
             samples.append(feeds)
             if len(samples) >= self.samples:
                 break
+        inputs = [v.name for v in model.graph.inputs if v.const_value is None]
+        if self.valid_mask and self.valid_mask not in inputs:
+            raise ValueError(f"valid_mask names '{self.valid_mask}', which is not a model input; inputs are {inputs}")
         ensure_opset(model, 21)  # int16 activations and int4 weights
-        evaluator = _Evaluator(model, float_proto, samples)
+        evaluator = _Evaluator(model, float_proto, samples, self.valid_mask or None)
         report = ctx.report.setdefault("mixed_precision", {})
         report["start_sqnr_db"] = round(evaluator.score()[0], 2)
         changed = False
@@ -234,6 +257,8 @@ class AllocateBits(Pass):
             total -= 4.0 * params[index]
         for layer in layers:
             self._set_weight_bits(layer, layer.bits)
+        if self.bias_correction and any(l.bits == 4 for l in layers):
+            report["bias_corrected"] = self._correct_biases([l for l in layers if l.bits == 4], ctx)
         for layer in layers:  # 4-bit weights stored as INT4 so the model really is smaller
             if layer.bits == 4:
                 for value in layer.dq.inputs[0], layer.dq.inputs[2]:
@@ -281,6 +306,48 @@ class AllocateBits(Pass):
             if original is not None and const_array(original.inputs[1]) is not None:
                 layer.float_node, layer.hessians = original, hessians
                 layer.float_weight = const_array(original.inputs[1]).astype(np.float32)
+
+    def _correct_biases(self, layers: list[_WeightLayer], ctx) -> list[str]:
+        """Bias correction (Nagel et al., 2019): ``E[x·W_q] − E[x·W] = x̄·(W_q − W)``, with
+        ``x̄`` the mean float input row on calibration data, is subtracted from the bias."""
+        from qcompiler.gptq import LinearInputMeans
+        from qcompiler.qdq import linear_group, qdq_source
+
+        float_model = ir.from_proto(ctx.snapshots["float"])
+        means = ctx.analysis(LinearInputMeans(max_samples=max(self.samples, 16)), float_model)
+        float_nodes = {n.name: n for n in float_model.graph}
+        corrected = []
+        for layer in layers:
+            original = float_nodes.get(layer.node.name)
+            group = linear_group(layer.node)
+            mean = means.get(original.inputs[0].name) if original is not None else None
+            if mean is None or group is None or group.bias_add is None or layer.float_weight.ndim != 2:
+                continue
+            add = group.bias_add
+            bias_value = add.inputs[1] if add.inputs[0] is (group.linear.outputs[0]) else add.inputs[0]
+            _, _, reduce_axis = layer.slot
+            shift = np.tensordot(mean, self._dequantized(layer) - layer.float_weight, axes=([0], [reduce_axis % 2]))
+            quantized = qdq_source(bias_value)
+            if quantized is not None and quantized[0].dtype == ir.DataType.INT32:
+                data, scale = const_array(quantized[0]), np.asarray(quantized[1], np.float64)
+                value = data.astype(np.float64) * scale - shift.reshape(data.shape)
+                set_initializer_array(quantized[0], np.clip(np.round(value / scale), -(2**31), 2**31 - 1).astype(np.int32))
+            elif const_array(bias_value) is not None and bias_value.const_value is not None:
+                bias = const_array(bias_value)
+                set_initializer_array(bias_value, (bias - shift.reshape(bias.shape)).astype(bias.dtype))
+            else:
+                continue
+            corrected.append(layer.node.name)
+        return corrected
+
+    @staticmethod
+    def _dequantized(layer: _WeightLayer) -> np.ndarray:
+        data, scale = const_array(layer.dq.inputs[0]), const_array(layer.dq.inputs[1])
+        axis = layer.dq.attributes["axis"].as_int() if "axis" in layer.dq.attributes else 1
+        shape = [1] * data.ndim
+        if scale.size > 1:
+            shape[axis] = -1
+        return data.astype(np.float64) * scale.reshape(shape)
 
     @staticmethod
     def _set_weight_bits(layer: _WeightLayer, bits: int) -> None:

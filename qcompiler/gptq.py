@@ -126,3 +126,31 @@ class LinearInputHessians(Analysis):
                 rows = np.asarray(value, np.float64).reshape(-1, hessians[name].shape[0])
                 hessians[name] += rows.T @ rows
         return hessians
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearInputMeans(Analysis):
+    """Mean row ``x̄`` of the input of every MatMul/Gemm with a constant weight."""
+
+    name = "linear-input-means"
+    max_samples: int = 32
+
+    def compute(self, model: ir.Model, ctx: PassContext) -> dict[str, np.ndarray]:
+        data = ctx.require_calibration("bias correction")
+        names = [
+            node.inputs[0].name for node in model.graph
+            if node.op_type in ("MatMul", "Gemm") and const_array(node.inputs[1]) is not None
+            and not (node.op_type == "Gemm" and "transA" in node.attributes and node.attributes["transA"].as_int())
+        ]
+        runner = _Runner(model, sorted(set(names)))
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for index, feeds in enumerate(data):
+            if index >= self.max_samples:
+                break
+            for name, value in runner(feeds).items():
+                value = np.asarray(value, np.float64)
+                rows = value.reshape(-1, value.shape[-1])
+                sums[name] = sums.get(name, 0.0) + rows.sum(axis=0)
+                counts[name] = counts.get(name, 0) + rows.shape[0]
+        return {name: sums[name] / counts[name] for name in sums}

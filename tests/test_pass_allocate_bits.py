@@ -89,3 +89,55 @@ def test_budget_8_changes_no_weights_and_option_checks():
         Pipeline.parse("allocate-bits{budget=3.0}")
     with pytest.raises(PipelineError, match="works on the fakequant stage"):
         run_pipeline(Pipeline.parse("allocate-bits"), to_ir(deep_mlp()), calibrated(model))
+
+
+def biased_mlp():
+    """Two MatMul+bias layers fed by inputs with a large mean: 4-bit weight error shifts the output mean."""
+    r = rng(7)
+    w0 = (r.standard_normal((32, 48)) / np.sqrt(32)).astype(np.float32)
+    w1 = (r.standard_normal((48, 8)) / np.sqrt(48)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["m0"], name="fc0"),
+        helper.make_node("Add", ["m0", "b0"], ["h0"], name="bias0"),
+        helper.make_node("MatMul", ["h0", "w1"], ["m1"], name="fc1"),
+        helper.make_node("Add", ["m1", "b1"], ["y"], name="bias1"),
+    ]
+    inits = [init("w0", w0), init("b0", np.full(48, 0.5, np.float32)), init("w1", w1), init("b1", np.zeros(8, np.float32))]
+    return make_model(nodes, [tensor("x", [1, 32])], [tensor("y", [1, 8])], inits)
+
+
+def test_bias_correction_removes_the_mean_output_shift_of_4_bit_layers():
+    shifted = [{"x": (rng(i).standard_normal((1, 32)) + 2.0).astype(np.float32)} for i in range(200, 264)]
+    errors, reports = {}, {}
+    for flag in ("true", "false"):
+        model = to_ir(biased_mlp())
+        ctx = calibrated(model)
+        ctx.calibration = CalibrationData.from_samples(shifted[:32]).bind(input_specs(model))
+        reference = to_ir(biased_mlp())
+        spec = f"insert-fake-quant{{activations=int16:per-tensor:asym}},allocate-bits{{budget=4.0,act_noise_ratio=-1.0,weight_method=mse,bias_correction={flag}}}"
+        run_pipeline(Pipeline.parse(spec), model, ctx)
+        diff = np.stack([run(model, f)["y"] - run(reference, f)["y"] for f in shifted[32:]])
+        errors[flag] = float(np.abs(diff.mean(axis=0)).mean())  # mean shift of each output, averaged
+        reports[flag] = ctx.report["mixed_precision"]
+    assert sorted(reports["true"]["bias_corrected"]) == ["fc0", "fc1"]
+    assert "bias_corrected" not in reports["false"]
+    assert errors["true"] < 0.5 * errors["false"], errors
+
+
+def test_valid_mask_leaves_padded_positions_out_of_the_metric():
+    from qcompiler.passes.mixed_precision import _Evaluator
+
+    evaluator = _Evaluator.__new__(_Evaluator)
+    evaluator.mask_input = "mask"
+    sample = {"mask": np.array([[1, 1, 0]])}
+    hidden = np.arange(6).reshape(1, 3, 2)  # (batch, position, channel): position 2 is padding
+    pooled = np.array([[7.0, 8.0]])  # no position axis: kept whole
+    assert evaluator._select([hidden, pooled], sample).tolist() == [0, 1, 2, 3, 7.0, 8.0]
+    evaluator.mask_input = None
+    assert len(evaluator._select([hidden, pooled], sample)) == 8
+
+
+def test_valid_mask_must_name_a_model_input():
+    model = to_ir(deep_mlp())
+    with pytest.raises(Exception, match="valid_mask names 'attention_mask', which is not a model input"):
+        run_pipeline(Pipeline.parse("insert-fake-quant,allocate-bits{valid_mask=attention_mask}"), model, calibrated(model))
