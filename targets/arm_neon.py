@@ -4,8 +4,8 @@ The artifact: ``model.so`` (cross-compiled TVM Relax VM library), ``vm_runner`` 
 small native C++ program, ``targets/native/vm_runner.cc``) and ``lib/`` (the aarch64
 TVM runtime it links). Copy the folder to an aarch64 Linux device and run
 ``./vm_runner model.so IO_DIR``; here the runner runs under ``qemu-aarch64`` with a
-CPU model that has the selected extensions. Every int8 × int8 matmul is a scheduled
-kernel ``qc_int8_*`` tensorized with the 4×4 ``sdot`` intrinsic (``dotprod``) or its
+CPU model that has the selected extensions. Every int8 × int8 matmul (and group-1 int8
+conv, lowered to im2col + dense) is a scheduled kernel ``qc_int8_*`` tensorized with the 4×4 ``sdot`` intrinsic (``dotprod``) or its
 NEON ``smull``/``saddlp`` equivalent; the manifest lists each kernel with the nodes it
 computes and its ``sdot`` count from the disassembly (and every kernel's dot-product
 instruction counts).

@@ -113,17 +113,19 @@ def lower(model: ir.Model, *, int8_dot: str | None = None):
     """Relax ``IRModule`` with one function ``main(*inputs) -> (outputs...)``.
 
     ``int8_dot`` (aarch64: ``"sdot"`` or ``"neon"``; x86 with AVX-512 VNNI: ``"vnni"``):
-    every int8 × int8 → int32 matmul becomes a scheduled kernel ``qc_int8_*`` tensorized
-    with that dot-product instruction (see :func:`lower_with_report`).
+    every int8 × int8 → int32 matmul (and group-1 ``ConvInteger``, as im2col + dense)
+    becomes a scheduled kernel ``qc_int8_*`` tensorized with that dot-product instruction
+    (see :func:`lower_with_report`).
     """
     return lower_with_report(model, int8_dot=int8_dot)[0]
 
 
 def lower_with_report(model: ir.Model, *, int8_dot: str | None = None):
     """``(IRModule, report)``; ``report["int8_matmul_kernels"]`` maps each scheduled int8
-    kernel's name to the nodes it computes, ``report["int8_matmul_fallback"]`` lists int8
-    matmuls that could not use one (per-row zero points, weights that leave int8 after
-    subtracting their zero points, operands without matching batch dimensions)."""
+    kernel's name to the nodes it computes (int8 convs included: :func:`_int8_conv`),
+    ``report["int8_matmul_fallback"]`` lists int8 matmuls and convs that could not use one
+    (per-row zero points, weights that leave int8 after subtracting their zero points,
+    operands without matching batch dimensions, grouped convs)."""
     if int8_dot is not None and int8_dot not in INT8_DOT:
         raise TargetError(f"unknown int8 dot-product kernel kind {int8_dot!r} (choices: {', '.join(INT8_DOT)})")
     lowerer = _Lowerer(model, int8_dot)
@@ -1093,6 +1095,11 @@ def _conv_integer(lo: _Lowerer, node: ir.Node):
     spatial = len(lo.shape(x)) - 2
     if spatial not in (1, 2):
         raise TargetError(f"{node_label(node)}: only 1-D and 2-D ConvInteger are supported")
+    if lo.int8_dot and lo.dtype(x) in ("int8", "uint8"):
+        scheduled = _int8_conv(lo, node, x, lo.const(node.inputs[1]), za, zw)
+        if scheduled is not None:
+            return scheduled
+        lo.int8_fallback.append(lo.node_name)
     if zw is not None and np.ndim(zw) == 1 and zw.size > 1:
         zw = zw.reshape((-1,) + (1,) * (spatial + 1))
     x = _sub_narrow(lo, x, za)  # subtract first: padding is the real zero
@@ -1105,6 +1112,80 @@ def _conv_integer(lo: _Lowerer, node: ir.Node):
     if spatial == 1:
         return lo.emit(R.nn.conv1d(x, w, out_dtype="int32", **conv))
     return lo.emit(R.nn.conv2d(x, w, out_dtype="int32", **conv))
+
+
+def _int8_conv(lo: _Lowerer, node: ir.Node, x, w: np.ndarray | None, za, zw):
+    """A 1-D/2-D ``ConvInteger`` (group 1, 8-bit input, scalar input zero point, constant
+    weights that fit int8 once their zero points are subtracted) as im2col + the scheduled
+    int8 dense kernel of :func:`_int8_dense`: the input is gathered into patches
+    [N·OH·OW, C·KH·KW] (padded taps hold the input zero point, so they contribute exactly
+    zero after the zero-point correction, as the reference's zero padding of ``x − za``),
+    multiplied by the weights [OC, C·KH·KW] pre-packed at compile time, and laid back out
+    as NCHW int32. None where it does not apply (the caller falls back to ``conv2d``)."""
+    R = lo.R
+    x_shape = lo.shape(x)
+    if w is None or w.ndim != len(x_shape) or (za is not None and np.size(za) > 1):
+        return None
+    conv = _conv_attrs(node, x_shape, w.shape)
+    if conv["groups"] != 1 or w.shape[1] != x_shape[1]:
+        return None
+    wk = w.astype(np.int64)
+    if zw is not None and np.any(zw):
+        zw = np.asarray(zw).astype(np.int64)
+        wk = wk - (zw.reshape((-1,) + (1,) * (w.ndim - 1)) if zw.size > 1 else zw.reshape(()))
+    if wk.size == 0 or wk.min() < -128 or wk.max() > 127:
+        return None
+    if len(x_shape) == 3:  # 1-D: a 2-D conv of height 1
+        x = lo.emit(R.reshape(x, (x_shape[0], x_shape[1], 1, x_shape[2])))
+        wk = wk[:, :, None, :]
+        conv = {
+            "strides": [1, *conv["strides"]], "dilation": [1, *conv["dilation"]],
+            "padding": [0, conv["padding"][0], 0, conv["padding"][1]], "groups": 1,
+        }
+    view = (_unsigned8 if lo.int8_dot == "vnni" else _signed8)(lo, x, za)
+    if view is None:
+        return None
+    x, z = view
+    n, c, h, wd = lo.shape(x)
+    oc, _, kh, kw = wk.shape
+    (sh, sw), (dh, dw) = conv["strides"], conv["dilation"]
+    top, left, bottom, right = conv["padding"]
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + left + right - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        return None
+    k = c * kh * kw
+    k4 = -(-k // 4) * 4  # the dense kernel's K; the extra columns meet zero weights
+    patches = lo.emit_te(_im2col_te(n, c, h, wd, oh, ow, kh, kw, sh, sw, dh, dw, top, left, k4, z), x)
+    w_nk = np.zeros((oc, k4), np.int8)
+    w_nk[:, :k] = wk.reshape(oc, k)
+    y = _int8_dense(lo, patches, w_nk, z)
+    if y is None:  # pragma: no cover - the checks above cover _int8_dense's
+        return None
+    y = lo.emit(R.permute_dims(lo.emit(R.reshape(y, (n, oh, ow, oc))), [0, 3, 1, 2]))
+    return lo.emit(R.reshape(y, (n, oc, ow))) if len(x_shape) == 3 else y
+
+
+def _im2col_te(n, c, h, w, oh, ow, kh, kw, sh, sw, dh, dw, top, left, k4, pad_value):
+    """TE patches of an NCHW 8-bit tensor: ``P[(b, i, j), (ch, p, q)] = x[b, ch, i·sh + p·dh − top,
+    j·sw + q·dw − left]``, ``pad_value`` outside the input and in the columns past C·KH·KW."""
+    from tvm import te, tirx
+
+    k = c * kh * kw
+
+    def im2col(x):  # the kernel's name: not "conv" (the arm-neon manifest's "other matmul" test)
+        def patch(row, col):
+            b, rest = row // (oh * ow), row % (oh * ow)
+            ch, tap = col // (kh * kw), col % (kh * kw)
+            y = rest // ow * sh + tap // kw * dh - top
+            xx = rest % ow * sw + tap % kw * dw - left
+            inside = tirx.all(col < k, y >= 0, y < h, xx >= 0, xx < w)
+            value = x[b, tirx.min(ch, c - 1), tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
+            return tirx.if_then_else(inside, value, tirx.const(pad_value, x.dtype))
+
+        return te.compute((n * oh * ow, k4), patch, name="im2col")
+
+    return im2col
 
 
 def _conv_attrs(node: ir.Node, x_shape, w_shape) -> dict:

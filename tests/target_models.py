@@ -115,6 +115,29 @@ def quantized_cnn() -> ir.Model:
     return g.model([(out, TensorProto.FLOAT, [1, 5])])
 
 
+def int8_convs(fallback: bool = True) -> ir.Model:
+    """ConvInteger layers for the scheduled int8 conv kernels (im2col + dot-product dense):
+    uint8 and int8 inputs with nonzero zero points, stride 2, asymmetric padding, dilation,
+    channel counts that are not multiples of 4, per-channel and scalar weight zero points,
+    batch 2, a 1-D conv and (``fallback``) a depthwise conv, which keeps the generic path."""
+    g = GraphBuilder(21)
+    u = g.input("u", [1, 5, 9, 11], TensorProto.UINT8)
+    s = g.input("s", [2, 3, 7, 6], TensorProto.INT8)
+    t = g.input("t", [1, 6, 13], TensorProto.INT8)
+    zu, zs, zt = g.const(np.uint8(131)), g.const(np.int8(-5)), g.const(np.int8(7))
+    zw = g.const(g.rng.integers(-4, 5, 7).astype(np.int8))
+    a = g.op("ConvInteger", [u, g.weight((7, 5, 3, 3), -120, 121), zu, zw], name="stride2", strides=[2, 2], pads=[1, 2, 0, 1])
+    b = g.op("ConvInteger", [u, g.weight((6, 5, 3, 2)), zu], name="dilated", strides=[1, 2], pads=[2, 1, 2, 1], dilations=[2, 1])
+    c = g.op("ConvInteger", [s, g.weight((10, 3, 5, 5), -100, 101), zs, g.const(np.int8(3))], name="batch2", pads=[2, 2, 2, 2])
+    d = g.op("ConvInteger", [t, g.weight((5, 6, 3)), zt], name="conv1d", strides=[2], dilations=[2], auto_pad="SAME_UPPER")
+    outputs = [(a, TensorProto.INT32, [1, 7, 4, 6]), (b, TensorProto.INT32, [1, 6, 9, 6]),
+               (c, TensorProto.INT32, [2, 10, 7, 6]), (d, TensorProto.INT32, [1, 5, 7])]
+    if fallback:
+        e = g.op("ConvInteger", [u, g.weight((5, 1, 3, 3)), zu], name="depthwise", group=5, pads=[1, 1, 1, 1])
+        outputs.append((e, TensorProto.INT32, [1, 5, 9, 11]))
+    return g.model(outputs)
+
+
 def attention_block(variant: str = "ibert", act16: bool = True, softmax_out=np.uint8, acc64: bool | None = None) -> ir.Model:
     """int8 embeddings by Gather → IntLayerNorm → Q/K/V IntMatMul → IntSoftmax → context →
     IntAdd residual → IntGELU MLP with an int16 hidden activation → IntLookup → int8 out."""

@@ -38,6 +38,8 @@ GRAPHS = {
     "attention-dotprod": ("arm-neon{dotprod=true}", lambda: tm.attention_block("lut", act16=False, softmax_out=np.int8)),
     "wide-dotprod": ("arm-neon{dotprod=true}", wide_int8_mlp),
     "weight-only-i8mm": ("arm-neon{dotprod=true,i8mm=true}", lambda: tm.weight_only_mlp(8)),
+    "convs-dotprod": ("arm-neon{dotprod=true}", tm.int8_convs),
+    "convs-neon": ("arm-neon", tm.int8_convs),
 }
 
 
@@ -53,15 +55,30 @@ def arm_builds(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", ["mlp-neon", "attention-dotprod", "wide-dotprod"])
+@pytest.mark.parametrize("name", ["mlp-neon", "attention-dotprod", "wide-dotprod", "convs-dotprod", "convs-neon"])
 def test_bit_exact_under_qemu(arm_builds, name):
     model = GRAPHS[name][1]()
     feeds = tm.random_feeds(model, 1)
     expected = tm.reference(model, feeds)
     got = qcompiler.load(arm_builds / name).run(feeds)
     for key, value in expected.items():
-        assert got[key].dtype == value.dtype
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape
         np.testing.assert_array_equal(got[key], value, err_msg=f"{name}/{key}")
+
+
+def test_int8_convs_are_sdot_kernels(arm_builds):
+    """Every group-1 int8 conv (stride, padding, dilation, 1-D, uint8/int8 inputs with zero
+    points, per-channel weight zero points) is im2col + a scheduled dense kernel with sdot;
+    the depthwise conv keeps the generic conv2d and is reported as a fallback."""
+    info = json.loads((arm_builds / "convs-dotprod" / "manifest.json").read_text())["target_info"]
+    kernels = info["int8_matmul_kernels"]
+    assert sorted(n for k in kernels.values() for n in k["nodes"]) == ["batch2", "conv1d", "dilated", "stride2"]
+    assert all(k["sdot"] > 0 for k in kernels.values()), info["matmul_kernel_sdot"]
+    assert info["int8_matmul_fallback"] == ["depthwise"]
+    other = list(info["other_matmul_kernels"])
+    assert len(other) == 1 and "conv2d" in other[0], other  # the depthwise conv alone
+    plain = json.loads((arm_builds / "convs-neon" / "manifest.json").read_text())["target_info"]
+    assert plain["sdot_total"] == 0 and len(plain["int8_matmul_kernels"]) == len(kernels)
 
 
 def test_weight_only_float_graph_under_qemu_max_cpu(arm_builds):

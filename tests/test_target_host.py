@@ -184,6 +184,7 @@ VNNI_GRAPHS = {
     "dense-uint8-requant": dense_uint8_requant,
     "batch-matmul-activations": batch_matmul_activations,
     "int16-by-int8": int16_by_int8,
+    "int8-convs": lambda: tm.int8_convs(fallback=False),
 }
 
 
@@ -223,6 +224,13 @@ def test_vnni_kernels_use_vpdpbusd():
         asm = tvm_bridge.assembly(tvm_bridge.compile(mod, target))
         for kernel in report["int8_matmul_kernels"]:
             assert "vpdpbusd" in _kernel_assembly(asm, kernel), f"{name}: no vpdpbusd in {kernel}"
+    convs, report = tvm_bridge.lower_with_report(tm.int8_convs(), int8_dot="vnni")
+    covered = sorted(node for nodes in report["int8_matmul_kernels"].values() for node in nodes)
+    assert covered == ["batch2", "conv1d", "dilated", "stride2"]  # im2col + the dense kernel
+    assert report["int8_matmul_fallback"] == ["depthwise"]  # grouped: the generic conv2d
+    asm = tvm_bridge.assembly(tvm_bridge.compile(convs, target))
+    for kernel in report["int8_matmul_kernels"]:
+        assert "vpdpbusd" in _kernel_assembly(asm, kernel), f"int8-convs: no vpdpbusd in {kernel}"
     plain = tvm_bridge.assembly(tvm_bridge.compile(tvm_bridge.lower(dense_int8_zero_points()), target))
     assert "vpdpbusd" not in plain  # the generic dense kernel does not reach it by itself
 

@@ -217,6 +217,27 @@ def test_digits_cnn_bit_exact_on_every_held_out_digit(digits, spec):
     assert_bit_exact(digits.expected, run_all(digits.builds.get(spec), digits.feeds), spec)
 
 
+@needs_qemu
+def test_digits_cnn_arm_neon_dotprod_convs_and_matmul_are_sdot_kernels(digits):
+    info = digits.builds.info("arm-neon{dotprod=true}")
+    kernels = info["int8_matmul_kernels"]
+    covered = sorted(node for k in kernels.values() for node in k["nodes"])
+    layers = sorted(n.name for n in digits.builds.model().graph if n.op_type in ("ConvInteger", *MATMULS))
+    assert covered == layers and len(layers) == 3  # two convs (im2col + dense kernel), the head
+    assert all(k["sdot"] > 0 for k in kernels.values()), info["matmul_kernel_sdot"]
+    assert info["int8_matmul_fallback"] == [] and info["other_matmul_kernels"] == {}
+    print(f"digits CNN sdot per int8 kernel: {info['matmul_kernel_sdot']}")
+
+
+def test_digits_cnn_host_convs_use_the_int8_kernels(digits):
+    info = digits.builds.info("host")
+    if info["int8_dot_kernel"] != "vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI: TVM's generic conv2d/dense kernels")
+    covered = sorted(node for nodes in info["int8_matmul_kernels"].values() for node in nodes)
+    convs = [n.name for n in digits.builds.model().graph if n.op_type == "ConvInteger"]
+    assert set(convs) <= set(covered) and info["int8_matmul_fallback"] == []
+
+
 def test_digits_cnn_cost_and_resource_reports_per_layer(digits):
     cost = json.loads((digits.builds.get("npu-sim") / "cost.json").read_text())
     convs = [layer for layer in cost["layers"] if layer["op"] == "ConvInteger"]
