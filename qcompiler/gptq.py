@@ -100,6 +100,31 @@ def gptq_for_node(node: ir.Node, weight: np.ndarray, hessians: dict, fmt: QForma
     return qt
 
 
+def linear_inputs(model: ir.Model) -> dict[str, int]:
+    """Input name → contraction size K of every MatMul/Gemm with a constant weight (static K)."""
+    inputs: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type in ("MatMul", "Gemm") and const_array(node.inputs[1]) is not None:
+            if node.op_type == "Gemm" and "transA" in node.attributes and node.attributes["transA"].as_int():
+                continue
+            k = node.inputs[0].shape[-1] if node.inputs[0].shape is not None else None
+            if isinstance(k, int):
+                inputs[node.inputs[0].name] = k
+    return inputs
+
+
+def _input_rows(model: ir.Model, ctx: PassContext, what: str, max_samples: int):
+    """``(name, rows)`` for each linear input of each calibration sample: rows are (positions, K) float64."""
+    data = ctx.require_calibration(what)
+    inputs = linear_inputs(model)
+    runner = _Runner(model, list(inputs))
+    for index, feeds in enumerate(data):
+        if index >= max_samples:
+            break
+        for name, value in runner(feeds).items():
+            yield name, np.asarray(value, np.float64).reshape(-1, inputs[name])
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearInputHessians(Analysis):
     """``H = XᵀX`` of the input of every MatMul/Gemm with a constant weight, over calibration rows."""
@@ -108,23 +133,9 @@ class LinearInputHessians(Analysis):
     max_samples: int = 32
 
     def compute(self, model: ir.Model, ctx: PassContext) -> dict[str, np.ndarray]:
-        data = ctx.require_calibration("GPTQ")
-        inputs: dict[str, int] = {}
-        for node in model.graph:
-            if node.op_type in ("MatMul", "Gemm") and const_array(node.inputs[1]) is not None:
-                if node.op_type == "Gemm" and "transA" in node.attributes and node.attributes["transA"].as_int():
-                    continue
-                k = node.inputs[0].shape[-1] if node.inputs[0].shape is not None else None
-                if isinstance(k, int):
-                    inputs[node.inputs[0].name] = k
-        runner = _Runner(model, list(inputs))
-        hessians = {name: np.zeros((k, k)) for name, k in inputs.items()}
-        for index, feeds in enumerate(data):
-            if index >= self.max_samples:
-                break
-            for name, value in runner(feeds).items():
-                rows = np.asarray(value, np.float64).reshape(-1, hessians[name].shape[0])
-                hessians[name] += rows.T @ rows
+        hessians = {name: np.zeros((k, k)) for name, k in linear_inputs(model).items()}
+        for name, rows in _input_rows(model, ctx, "GPTQ", self.max_samples):
+            hessians[name] += rows.T @ rows
         return hessians
 
 
@@ -136,21 +147,9 @@ class LinearInputMeans(Analysis):
     max_samples: int = 32
 
     def compute(self, model: ir.Model, ctx: PassContext) -> dict[str, np.ndarray]:
-        data = ctx.require_calibration("bias correction")
-        names = [
-            node.inputs[0].name for node in model.graph
-            if node.op_type in ("MatMul", "Gemm") and const_array(node.inputs[1]) is not None
-            and not (node.op_type == "Gemm" and "transA" in node.attributes and node.attributes["transA"].as_int())
-        ]
-        runner = _Runner(model, sorted(set(names)))
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
-        for index, feeds in enumerate(data):
-            if index >= self.max_samples:
-                break
-            for name, value in runner(feeds).items():
-                value = np.asarray(value, np.float64)
-                rows = value.reshape(-1, value.shape[-1])
-                sums[name] = sums.get(name, 0.0) + rows.sum(axis=0)
-                counts[name] = counts.get(name, 0) + rows.shape[0]
+        for name, rows in _input_rows(model, ctx, "bias correction", self.max_samples):
+            sums[name] = sums.get(name, 0.0) + rows.sum(axis=0)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
         return {name: sums[name] / counts[name] for name in sums}
