@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", action="store_true", help="write report.json (and report.html) into the output")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed for anything random (default 0)")
+    tune = parser.add_argument_group("tuning (host target)")
+    tune.add_argument(
+        "--tune", type=_trials, default=0, metavar="TRIALS",
+        help="tune the CPU kernels with TVM MetaSchedule, measuring TRIALS candidates in all "
+        "(default 0: no tuning); kernels already in the tuning database are not tuned again",
+    )
+    tune.add_argument(
+        "--tuning-db", metavar="DIR",
+        help="tuning database folder (default $QCOMPILER_TUNING_DB, else "
+        "$XDG_CACHE_HOME/qcompiler/tuning, i.e. ~/.cache/qcompiler/tuning); "
+        "with --tune 0 the records found there are still used",
+    )
     diag = parser.add_argument_group("diagnostics")
     diag.add_argument("--time-passes", action="store_true", help="print the time each pass took")
     diag.add_argument("--print-ir-after-change", action="store_true", help="print the IR (stderr) after each pass that changed it")
@@ -59,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-targets", action="store_true", help="list targets")
     parser.add_argument("--version", action="store_true", help="print the version")
     return parser
+
+
+def _trials(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of trials, got {_shorten(text)!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the number of trials must be 0 or more, got {value}")
+    return value
 
 
 def parse_input_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
@@ -159,6 +181,21 @@ def _compile(args, out) -> int:
         pipeline = Pipeline.parse(preset.spec)
         if not args.preset:
             print(f"{PROG}: note: no --preset given: using '{preset.name}' ({preset.summary})", file=out)
+    tuning = None
+    if args.tune or args.tuning_db:
+        if not target.tunable:
+            from .errors import TargetError
+
+            tunable = sorted(cls.name for cls in default_targets() if cls.tunable)
+            raise TargetError(
+                f"target '{target.name}' cannot be tuned (--tune and --tuning-db work for: {', '.join(tunable)})"
+            )
+        from .targets.tvm_bridge.tuning import TuningOptions
+
+        tuning = TuningOptions(
+            trials=args.tune, db_dir=Path(args.tuning_db) if args.tuning_db else None,
+            progress=True, seed=args.seed,
+        )
     calibration = CalibrationData.from_path(args.calib) if args.calib else None
     model = load_onnx(args.model, input_shapes=input_shapes)
 
@@ -178,6 +215,7 @@ def _compile(args, out) -> int:
         pipeline=pipeline, calibration=calibration, seed=args.seed,
         instruments=instruments, force=args.force, report=args.report,
         log=(lambda m: print(m, file=sys.stderr)) if args.debug else (lambda m: None),
+        tuning=tuning,
     )
     if timing:
         print(timing.table(), file=out)
@@ -185,6 +223,16 @@ def _compile(args, out) -> int:
         for entry in result.context.report.get("numeric_check", []):
             details = ", ".join(f"{k}={v:.4g}" for k, v in entry.items() if k != "pass")
             print(f"numeric check: {entry['pass']}: {details}", file=out)
+    tuned = result.manifest.get("tuning")
+    if tuned:
+        print(
+            f"{PROG}: tuning: {tuned['trials_run']} trials; {tuned['kernels_tuned_now']} kernels tuned now, "
+            f"{tuned['kernels_from_database']} from {tuned['database']}, "
+            f"{tuned['kernels_default_schedule']} with the default schedule "
+            f"({tuned.get('records_slower_than_default', 0)} tuned records slower than it, "
+            f"{tuned['records_rejected']} wrong)",
+            file=out,
+        )
     nodes = sum(1 for _ in result.model.graph)
     print(
         f"{PROG}: wrote {args.out_dir} (target {target}, stage {result.manifest['stage']}, {nodes} nodes)",

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from .artifact import atomic_output_dir, tool_versions, write_manifest
 from .calibdata import CalibrationData, input_specs
+from .errors import TargetError
 from .graph import get_stage
 from .instruments import default_instruments
 from .passmanager import Instrument, PassContext, run_pipeline
@@ -58,12 +59,24 @@ def compile_model(
     force: bool = False,
     report: bool = False,
     log=lambda message: None,
+    tuning=None,
 ) -> CompileResult:
     """Compile ``model`` (modified in place) for ``target`` into ``out_dir``.
 
     Nothing is written unless everything succeeds; ``out_dir`` then holds the
     target's files and ``manifest.json`` (and ``report.json`` with ``report``).
+
+    ``tuning`` (a :class:`qcompiler.targets.tvm_bridge.tuning.TuningOptions`): tune the kernels with
+    MetaSchedule and keep the results in a database; only targets with ``tunable`` take it
+    (others raise :class:`TargetError`). The manifest's ``tuning`` says what was done.
     """
+    if tuning is not None and not target.tunable:
+        from .target import default_targets
+
+        tunable = sorted(cls.name for cls in default_targets() if cls.tunable)
+        raise TargetError(
+            f"target '{target.name}' cannot be tuned (--tune works for: {', '.join(tunable) or 'no target'})"
+        )
     if calibration is not None:
         calibration.bind(input_specs(model))
     ctx = PassContext(
@@ -72,6 +85,8 @@ def compile_model(
         instruments=default_instruments() + list(instruments or []),
         log=log,
     )
+    if tuning is not None:
+        ctx.options["tuning"] = tuning
     full = pipeline
     if target.legalize:
         full = pipeline + Pipeline.parse(target.legalize)
@@ -95,6 +110,7 @@ def compile_model(
             "outputs": _io(model.graph.outputs),
             "versions": tool_versions(),
             "target_info": target_info,
+            "tuning": target_info.pop("tuning", None) if tuning is not None else None,
         }
         write_manifest(tmp, manifest)
     return CompileResult(Path(out_dir), json.loads((Path(out_dir) / "manifest.json").read_text()), ctx, model)

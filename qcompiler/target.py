@@ -88,6 +88,9 @@ class Target(Configurable):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: Pipeline spec appended after the user's pipeline ("" for none).
     legalize: ClassVar[str] = ""
+    #: Whether ``build`` honours ``ctx.options["tuning"]`` (``qcompile --tune``: MetaSchedule
+    #: tuning of the CPU kernels, see :mod:`targets.tvm_bridge.tuning`).
+    tunable: ClassVar[bool] = False
 
     def check(self, model: ir.Model) -> None:
         """Raise :class:`TargetError` if this target cannot execute ``model``."""

@@ -11,6 +11,7 @@ time); the manifest's ``int8_dot_kernel`` says which (None: TVM's generic dense 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +75,26 @@ def write_readme(out_dir: Path, target: str, library: str, tvm_target: dict, mod
     (out_dir / "README.md").write_text(text + extra)
 
 
+def tuner_for(ctx, target: dict):
+    """A :class:`~targets.tvm_bridge.tuning.Tuner` when the compile asked for tuning (``ctx.options["tuning"]``), else None.
+
+    Measuring needs the target's core count: ``num-cores`` is set to this machine's when absent."""
+    options = getattr(ctx, "options", {}).get("tuning") if ctx is not None else None
+    if options is None:
+        return None
+    from .tvm_bridge.tuning import Tuner
+
+    target.setdefault("num-cores", os.cpu_count() or 1)
+    return Tuner(options, log=getattr(ctx, "log", lambda message: None))
+
+
 @dataclass(frozen=True)
 class HostTarget(Target):
     """This machine's CPU (LLVM with the detected -mcpu); runs in process."""
 
     name = "host"
     capabilities = Capabilities()
+    tunable = True
 
     mcpu: str = option("", "LLVM CPU name, e.g. skylake-avx512 (empty: detect this machine's)")
 
@@ -97,14 +112,18 @@ class HostTarget(Target):
         target = self.tvm_target()
         dot = self.int8_dot(target)
         mod, lowering = tvm_bridge.lower_with_report(model, int8_dot=dot)
-        executable = tvm_bridge.compile(mod, target)
+        tuner = tuner_for(ctx, target)
+        executable = tvm_bridge.compile(mod, target, tune=tuner)
         tvm_bridge.export(executable, out_dir / LIBRARY)
         write_readme(out_dir, self.name, LIBRARY, target, model)
-        return {
+        info = {
             "library": LIBRARY, "tvm_target": target, "int8_dot_kernel": dot,
             "int8_matmul_kernels": lowering["int8_matmul_kernels"],
             "int8_matmul_fallback": lowering["int8_matmul_fallback"],
         }
+        if tuner is not None:
+            info["tuning"] = tuner.report
+        return info
 
     @staticmethod
     def int8_dot(target: dict) -> str | None:

@@ -1333,8 +1333,12 @@ def host_triple() -> str:
 LLVM_OPT_LEVEL = 2
 
 
-def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disable_assert: bool = False):
-    """``tvm.compile`` a lowered module for ``target`` (a JSON-style target dict)."""
+def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disable_assert: bool = False, tune=None):
+    """``tvm.compile`` a lowered module for ``target`` (a JSON-style target dict).
+
+    ``tune`` (CPU only): a callable ``(fused_module, tvm_target) -> fused_module``, e.g. a
+    :class:`targets.tvm_bridge.tuning.Tuner`, run after fusion and before the default CPU schedule
+    (which leaves the kernels it marks ``SCHEDULED`` alone)."""
     tvm, relax = _tvm()
     target = dict(target)
     if target.get("kind") == "llvm":
@@ -1343,6 +1347,8 @@ def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disa
     config = {"tirx.disable_assert": True} if disable_assert else {}
     with tvm.transform.PassContext(opt_level=3, config=config):
         mod = relax.get_pipeline("zero")(mod)  # legalize and fuse elementwise chains into one kernel each
+        if tune is not None and target.get("kind") == "llvm" and not gpu_schedules:
+            mod = tune(mod, tgt)
         if gpu_schedules:
             from tvm.s_tir import dlight as dl
 
