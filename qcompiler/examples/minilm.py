@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -123,18 +124,25 @@ def export_onnx(path: str | os.PathLike, *, dynamo: bool = True, seq_len: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     example = tokenize(["An example sentence for tracing the encoder."], seq_len)
     args = tuple(torch.from_numpy(example[name][0]) for name in INPUT_NAMES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            torch.onnx.export(
-                torch_encoder(), args, str(path), input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME], dynamo=True, external_data=True, verbose=False,
-            )
-        else:
-            torch.onnx.export(
-                torch_encoder(), args, str(path), input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME], dynamo=False, opset_version=17,
-            )
+    # The exporter's constant folder logs a warning for every shape it cannot fold: noise here.
+    folder_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dynamo:
+                torch.onnx.export(
+                    torch_encoder(), args, str(path), input_names=list(INPUT_NAMES),
+                    output_names=[OUTPUT_NAME], dynamo=True, external_data=True, verbose=False,
+                )
+            else:
+                torch.onnx.export(
+                    torch_encoder(), args, str(path), input_names=list(INPUT_NAMES),
+                    output_names=[OUTPUT_NAME], dynamo=False, opset_version=17,
+                )
+    finally:
+        folder_log.setLevel(level)
     return path
 
 
