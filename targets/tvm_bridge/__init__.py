@@ -308,6 +308,37 @@ class _Lowerer:
         half = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k - 1, 0)), 0).astype(np.int64)
         return self.emit(self.R.right_shift(self.emit(self.R.add(v, self.c64(half))), self.c64(k)))
 
+    def floor_div(self, a, b, a_bound: int, b_bound: int):
+        """``⌊a / b⌋`` for int64 ``a``, ``b`` with ``|a| ≤ a_bound`` and ``1 ≤ b ≤ b_bound``.
+
+        Below ``2^52``/``2^53`` both are exact doubles and the rounded float quotient is
+        within 1 of ``a / b``, so ``q = ⌊a ⊘ b⌋`` corrected once by the sign of
+        ``r = a − q·b`` (``q − 1`` if ``r < 0``, ``q + 1`` if ``r ≥ b``) is exact — and, unlike
+        integer division, vectorises. Larger bounds keep ``floor_divide``."""
+        R = self.R
+        if a_bound >= 2**52 or b_bound >= 2**53:
+            return self.emit(R.floor_divide(a, b))
+        quotient = self.emit(R.floor(self.emit(R.divide(self.emit(R.astype(a, "float64")), self.emit(R.astype(b, "float64"))))))
+        q = self.emit(R.astype(quotient, "int64"))
+        r = self.emit(R.subtract(a, self.emit(R.multiply(q, b))))
+        sign = self.c64(63)
+        below = self.emit(R.right_shift(r, sign))  # −1 where r < 0
+        above = self.emit(R.right_shift(self.emit(R.subtract(self.emit(R.subtract(b, self.c64(1))), r)), sign))  # −1 where r ≥ b
+        return self.emit(R.subtract(self.emit(R.add(q, below)), above))
+
+    def floor_div_const(self, a, divisor: int, a_max: int):
+        """``⌊a / divisor⌋`` for int64 ``0 ≤ a ≤ a_max`` and a constant ``divisor ≥ 1`` as a
+        multiply and a shift (``⌊a·M / 2^S⌋``, ``M = ⌈2^S / divisor⌉``), checked exhaustively at
+        compile time; ``floor_divide`` where no such pair is exact over the range."""
+        R = self.R
+        span = np.arange(a_max + 1, dtype=np.int64) if 0 <= a_max <= 1 << 20 else None
+        if span is not None and divisor >= 1:
+            shift = a_max.bit_length() + (divisor - 1).bit_length()
+            multiplier = -(-(1 << shift) // divisor)
+            if a_max * multiplier < 2**62 and np.array_equal((span * multiplier) >> shift, span // divisor):
+                return self.emit(R.right_shift(self.emit(R.multiply(a, self.c64(multiplier))), self.c64(shift)))
+        return self.emit(R.floor_divide(a, self.c64(divisor)))
+
     def clamp_cast(self, v, dtype: str, qmin=None, qmax=None):
         """Clamp int64 ``v`` to the range of ``dtype`` intersected with [qmin, qmax], then cast."""
         lo, hi = intops.int_range(np.dtype(dtype))
@@ -1011,9 +1042,11 @@ def _int_softmax(lo: _Lowerer, node: ir.Node):
     variant = _attr(node, "variant", "ibert")
     axis = _attr(node, "axis", -1) % len(lo.shape(x))
     c = intops.softmax_constants(s_in, s_out)
+    in_min, in_max = intops.int_range(np.dtype(relax_dtype(node.inputs[0].dtype)))
+    span = int(in_max) - int(in_min)  # bound of −d
     d = lo.emit(R.subtract(x, lo.emit(R.max(x, axis=[axis], keepdims=True))))
     if variant == "ibert":
-        z = lo.emit(R.minimum(lo.emit(R.floor_divide(lo.emit(R.negative(d)), lo.c64(c.q_ln2))), lo.c64(62)))
+        z = lo.emit(R.minimum(lo.floor_div_const(lo.emit(R.negative(d)), c.q_ln2, span), lo.c64(62)))
         p = lo.emit(R.add(d, lo.emit(R.multiply(z, lo.c64(c.q_ln2)))))
         pb = lo.emit(R.add(p, lo.c64(c.q_b)))
         poly = lo.emit(R.add(lo.emit(R.multiply(pb, pb)), lo.c64(c.q_c)))
@@ -1031,11 +1064,27 @@ def _int_softmax(lo: _Lowerer, node: ir.Node):
         e = lo.emit(R.take(lo.c64(table), lo.emit(R.add(d, lo.c64(255))), axis=0, mode="clip"))
     else:
         raise TargetError(f"{node_label(node)}: unknown IntSoftmax variant {variant!r}")
+    e_max = _softmax_exp_bound(variant, c, span)
     total = lo.emit(R.maximum(lo.emit(R.sum(e, axis=[axis], keepdims=True)), lo.c64(1)))
-    prob = lo.emit(R.floor_divide(lo.emit(R.left_shift(e, lo.c64(intops.SOFTMAX_FRAC_BITS))), total))
+    prob = lo.floor_div(
+        lo.emit(R.left_shift(e, lo.c64(intops.SOFTMAX_FRAC_BITS))), total,
+        e_max << intops.SOFTMAX_FRAC_BITS, max(e_max * lo.shape(x)[axis], 1),
+    )
     v = lo.rshift_round(lo.emit(R.multiply(prob, lo.c64(c.out_multiplier))), c.out_shift)
     v = lo.emit(R.add(v, lo.c64(y_zp)))
     return lo.clamp_cast(v, _out_dtype_of_zp(y_zp))
+
+
+def _softmax_exp_bound(variant: str, c, span: int) -> int:
+    """An upper bound of IntSoftmax's ``e`` (to pick an exact fast division); huge if unknown."""
+    if variant == "ibert":  # (p + q_b)² + q_c, convex in p over (−q_ln2, 0]; ≤ 2 once z is capped at 62
+        ends = (c.q_b, c.q_b - c.q_ln2 + 1)
+        return max(max(v * v for v in ends) + c.q_c, 2)
+    if variant == "linear":
+        return 1 << (intops.LINEAR_FRAC_BITS + 1)
+    if variant == "lut":
+        return 1 << 23
+    return 2**62
 
 
 def _int_gelu(lo: _Lowerer, node: ir.Node):
@@ -1073,7 +1122,11 @@ def _int_layernorm(lo: _Lowerer, node: ir.Node):
     var = lo.emit(R.floor_divide(lo.emit(R.sum(lo.emit(R.multiply(centred, centred)), axis=[-1], keepdims=True)), lo.c64(n)))
     var = lo.emit(R.add(var, lo.c64(_attr(node, "eps_q", 0))))
     sigma = lo.emit(R.maximum(lo.isqrt(var), lo.c64(1)))
-    normed = lo.emit(R.floor_divide(lo.emit(R.left_shift(centred, lo.c64(intops.LAYERNORM_FRAC_BITS))), sigma))
+    in_min, in_max = intops.int_range(np.dtype(relax_dtype(node.inputs[0].dtype)))
+    span = int(in_max) - int(in_min)  # bound of |x − mean|
+    sigma_max = math.isqrt(span * span + max(int(_attr(node, "eps_q", 0)), 0)) + 1
+    normed = lo.floor_div(lo.emit(R.left_shift(centred, lo.c64(intops.LAYERNORM_FRAC_BITS))), sigma,
+                          span << intops.LAYERNORM_FRAC_BITS, sigma_max)
     value = lo.emit(R.add(lo.emit(R.multiply(normed, lo.c64(mult))), lo.c64(bias)))
     v = lo.rshift_round(value, _attr(node, "shift", 0))
     v = lo.emit(R.add(v, lo.c64(y_zp)))
