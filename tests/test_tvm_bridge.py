@@ -70,6 +70,28 @@ def test_int_softmax_variants_over_the_full_input_range(variant):
     assert_bit_exact(model, {"x": np.random.default_rng(2).permutation(data.ravel()).reshape(32, 8)})
 
 
+@pytest.mark.parametrize("input_scale", [0.0005, 0.003, 0.02])
+def test_int16_softmax_and_layernorm_divisions_are_exact_at_the_extremes(input_scale):
+    """The bridge divides with a float quotient plus one correction, and by constants with a
+    multiply-shift: rows that put quotients on integer boundaries must still match exactly."""
+    g = tm.GraphBuilder(0)
+    x = g.input("x", [524, 16], TensorProto.INT16)
+    sm = g.op("IntSoftmax", [x, g.const(np.int16(0)), g.const(np.uint16(0))], tm.QC,
+              input_scale=input_scale, output_scale=1 / 65535, variant="ibert")
+    mult, bias, shift, eps = intops.layernorm_constants(np.linspace(0.5, 1.5, 16), np.zeros(16), input_scale, 0.001, 1e-5)
+    ln = g.op("IntLayerNorm", [x, g.const(np.int16(0)), g.const(np.int16(0)), g.const(mult), g.const(bias)], tm.QC, shift=shift, eps_q=eps)
+    model = g.model([(sm, TensorProto.UINT16, [524, 16]), (ln, TensorProto.INT16, [524, 16])])
+    lo, hi = -32768, 32767
+    rows = [
+        np.full(16, hi), np.full(16, lo), np.tile([lo, hi], 8), np.r_[hi, np.full(15, lo)],
+        np.r_[lo, np.full(15, hi)], np.arange(16) * 4096 - 32768, np.full(16, 7), np.r_[np.full(8, 1), np.full(8, 0)],
+        np.r_[hi, hi - 1, np.full(14, hi - 2)], np.arange(16), -np.arange(16) * 1000, np.tile([0, -1, 1, 2], 4),
+    ]
+    rng = np.random.default_rng(5)  # plus rows of nearby values: quotients of every size
+    rows += list(rng.integers(-600, 600, (512, 16)) + rng.integers(lo + 600, hi - 600, (512, 1)))
+    assert_bit_exact(model, {"x": np.clip(np.stack(rows), lo, hi).astype(np.int16)})
+
+
 def test_int_layernorm_and_gelu_on_int16():
     g = tm.GraphBuilder(0)
     x = g.input("x", [8, 24], TensorProto.INT16)

@@ -309,22 +309,18 @@ class _Lowerer:
         return self.emit(self.R.right_shift(self.emit(self.R.add(v, self.c64(half))), self.c64(k)))
 
     def floor_div(self, a, b, a_bound: int, b_bound: int):
-        """``⌊a / b⌋`` for int64 ``a``, ``b`` with ``|a| ≤ a_bound`` and ``1 ≤ b ≤ b_bound``.
+        """``⌊a / b⌋`` for int64 ``a``, ``b`` with ``|a| ≤ a_bound`` and ``1 ≤ b ≤ b_bound``,
+        through float64 (integer division does not vectorise).
 
-        Below ``2^52``/``2^53`` both are exact doubles and the rounded float quotient is
-        within 1 of ``a / b``, so ``q = ⌊a ⊘ b⌋`` corrected once by the sign of
-        ``r = a − q·b`` (``q − 1`` if ``r < 0``, ``q + 1`` if ``r ≥ b``) is exact — and, unlike
-        integer division, vectorises. Larger bounds keep ``floor_divide``."""
+        Exact below ``2^53``: ``a`` and ``b`` are exact doubles; if ``a / b`` is not an
+        integer it lies at least ``1/b`` from one, while the correctly rounded quotient is
+        within ``|a/b|·2^−53 < 1/b`` of it, so flooring the rounded quotient never crosses
+        an integer. Larger bounds keep ``floor_divide``."""
         R = self.R
-        if a_bound >= 2**52 or b_bound >= 2**53:
+        if a_bound >= 2**53 or b_bound >= 2**53:
             return self.emit(R.floor_divide(a, b))
-        quotient = self.emit(R.floor(self.emit(R.divide(self.emit(R.astype(a, "float64")), self.emit(R.astype(b, "float64"))))))
-        q = self.emit(R.astype(quotient, "int64"))
-        r = self.emit(R.subtract(a, self.emit(R.multiply(q, b))))
-        sign = self.c64(63)
-        below = self.emit(R.right_shift(r, sign))  # −1 where r < 0
-        above = self.emit(R.right_shift(self.emit(R.subtract(self.emit(R.subtract(b, self.c64(1))), r)), sign))  # −1 where r ≥ b
-        return self.emit(R.subtract(self.emit(R.add(q, below)), above))
+        quotient = self.emit(R.divide(self.emit(R.astype(a, "float64")), self.emit(R.astype(b, "float64"))))
+        return self.emit(R.astype(self.emit(R.floor(quotient)), "int64"))
 
     def floor_div_const(self, a, divisor: int, a_max: int):
         """``⌊a / divisor⌋`` for int64 ``0 ≤ a ≤ a_max`` and a constant ``divisor ≥ 1`` as a
