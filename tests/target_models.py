@@ -264,3 +264,14 @@ def reference(model: ir.Model, feeds) -> dict[str, np.ndarray]:
     from qcompiler import ReferenceInterpreter
 
     return ReferenceInterpreter(model).run(feeds)
+
+
+def assert_runner_bit_exact(runner, model: ir.Model, seeds: int = 3, label: str = "") -> None:
+    """``runner`` reproduces the reference interpreter bit for bit (values and dtypes) on
+    ``seeds`` sets of random inputs."""
+    for seed in range(seeds):
+        feeds = random_feeds(model, seed)
+        got = runner.run(feeds)
+        for key, value in reference(model, feeds).items():
+            assert got[key].dtype == value.dtype, f"{label}/{key}/seed {seed}"
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{label}/{key}/seed {seed}")

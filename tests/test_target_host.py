@@ -51,14 +51,7 @@ def host_builds(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(INTEGER_GRAPHS))
 def test_integer_graphs_bit_exact(host_builds, name):
     model, out = host_builds[name]
-    runner = qcompiler.load(out)
-    for seed in range(3):
-        feeds = tm.random_feeds(model, seed)
-        expected = tm.reference(model, feeds)
-        got = runner.run(feeds)
-        for key, value in expected.items():
-            assert got[key].dtype == value.dtype
-            np.testing.assert_array_equal(got[key], value, err_msg=f"{name}/{key}")
+    tm.assert_runner_bit_exact(qcompiler.load(out), model, 3, name)
 
 
 @pytest.mark.parametrize("name", sorted(FLOAT_GRAPHS))
@@ -197,14 +190,7 @@ def test_int8_matmul_kernels_bit_exact(tmp_path, name):
     if _has_vnni():
         assert info["int8_dot_kernel"] == "vnni" and info["int8_matmul_kernels"], info
         assert info["int8_matmul_fallback"] == []
-    runner = qcompiler.load(tmp_path / name)
-    for seed in range(3):
-        feeds = tm.random_feeds(model, seed)
-        expected = tm.reference(model, feeds)
-        got = runner.run(feeds)
-        for key, value in expected.items():
-            assert got[key].dtype == value.dtype
-            np.testing.assert_array_equal(got[key], value, err_msg=f"{name}/{key}/seed {seed}")
+    tm.assert_runner_bit_exact(qcompiler.load(tmp_path / name), model, 3, name)
 
 
 def test_generic_cpu_build_has_no_vnni_kernels(tmp_path):

@@ -39,13 +39,7 @@ def npu_builds(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(NPU_GRAPHS))
 def test_bit_exact_with_reference(npu_builds, name):
     model = NPU_GRAPHS[name]()
-    runner = qcompiler.load(npu_builds / name)
-    for seed in range(2):
-        feeds = tm.random_feeds(model, seed)
-        expected = tm.reference(model, feeds)
-        got = runner.run(feeds)
-        for key, value in expected.items():
-            np.testing.assert_array_equal(got[key], value, err_msg=f"{name}/{key}")
+    tm.assert_runner_bit_exact(qcompiler.load(npu_builds / name), model, 2, name)
 
 
 def test_cost_report_in_artifact_matches_python_api(npu_builds):

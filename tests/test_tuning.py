@@ -54,14 +54,7 @@ def test_cold_compile_tunes_and_stays_bit_exact(tuned_mlp):
     records = (Path(info["database"]) / "database_tuning_record.json").read_text().splitlines()
     assert len(records) >= info["kernels_tuned_now"]
     model = tm.quantized_mlp()
-    runner = qcompiler.load(root / "cold")
-    for seed in range(3):
-        feeds = tm.random_feeds(model, seed)
-        expected = tm.reference(model, feeds)
-        got = runner.run(feeds)
-        for key, value in expected.items():
-            assert got[key].dtype == value.dtype
-            np.testing.assert_array_equal(got[key], value)
+    tm.assert_runner_bit_exact(qcompiler.load(root / "cold"), model, 3, "tuned")
 
 
 def test_warm_database_runs_no_trials(tuned_mlp, tmp_path, monkeypatch):
