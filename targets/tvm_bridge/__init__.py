@@ -1469,9 +1469,7 @@ def _cpu_kernel_schedule(func, vectorize: bool = True):
                 continue
             sch.reorder(*spatial, *rest)
             fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-            extent = sch.get(fused).extent
-            if not isinstance(extent, int):
-                extent = int(extent) if hasattr(extent, "value") or str(extent).isdigit() else None
+            extent = getattr(sch.get(fused).extent, "value", None)  # None: a symbolic extent
             if extent is None or extent < _PARALLEL_MIN_ELEMENTS // 64:
                 continue
             if rest:  # reductions: whole rows per thread
