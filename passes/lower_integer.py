@@ -143,7 +143,21 @@ class LowerInteger(Pass):
             "accumulators": lowering.accumulators,
         }
         report.setdefault("kept_float", []).extend(lowering.kept)
+        _warn_wide_accumulators(lowering.accumulators, ctx)
         return lowering.lowered > 0
+
+
+def _warn_wide_accumulators(accumulators: list[dict], ctx) -> None:
+    """One warning for every product whose int32 accumulator could overflow (int64 instead)."""
+    wide = [a for a in accumulators if a["accumulator"] != "int32"]
+    if not wide:
+        return
+    worst = max(wide, key=lambda a: a["bound"])
+    ctx.warn(
+        f"lower-integer: {len(wide)} of {len(accumulators)} integer products could overflow an int32 "
+        f"accumulator at the calibrated ranges (|x - z_x| * sum|w| + |bias| >= 2^31) and accumulate in "
+        f"int64 instead; largest bound {worst['bound']:.3g} at node '{worst['node']}' ({worst['op']})"
+    )
 
 
 class _Lowering:
@@ -296,7 +310,7 @@ class _Lowering:
         bias_q = self._bias(group, node, s_w * x.s)
         bound = x_range * float(reduce.max(initial=0)) + (float(np.abs(bias_q).max()) if bias_q is not None else 0.0)
         acc = np.int64 if bound >= 2**31 else np.int32
-        self.accumulators.append({"node": node.name, "bound": bound, "accumulator": np.dtype(acc).name})
+        self.accumulators.append({"node": node.name, "op": node.op_type, "bound": bound, "accumulator": np.dtype(acc).name})
         if op == "Conv":
             if x.dtype not in _INT8:
                 raise _Refuse("16-bit conv inputs have no integer lowering (ConvInteger is 8-bit)")
@@ -450,7 +464,7 @@ class _Lowering:
             raise _Refuse("unknown reduction length")
         bound = self._range(a) * self._range(b) * k_dim
         acc = np.int64 if bound >= 2**31 else np.int32
-        self.accumulators.append({"node": node.name, "bound": bound, "accumulator": np.dtype(acc).name})
+        self.accumulators.append({"node": node.name, "op": node.op_type, "bound": bound, "accumulator": np.dtype(acc).name})
         shape = _shape(node.outputs[0])
         if a.dtype in _INT8 and b.dtype in _INT8 and acc == np.int32:
             acc_value = self.b.node("MatMulInteger", [a.value, b.value, self.b.const("a_zero_point", a.zero), self.b.const("b_zero_point", b.zero)],

@@ -217,6 +217,8 @@ def _compile(args, out) -> int:
         log=(lambda m: print(m, file=sys.stderr)) if args.debug else (lambda m: None),
         tuning=tuning,
     )
+    for message in result.context.warnings:
+        print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
     if timing:
         print(timing.table(), file=out)
     if args.check_numerics:

@@ -73,8 +73,15 @@ class PassContext:
     results: list[PassResult] = dataclasses.field(default_factory=list)
     #: Models saved by passes for the artifact, e.g. ``"fakequant"``: the QDQ model before lowering.
     snapshots: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Things the user should know that do not stop the compile (the CLI prints them).
+    warnings: list[str] = dataclasses.field(default_factory=list)
     _analyses: dict[Any, Any] = dataclasses.field(default_factory=dict)
     _samples: list[dict[str, np.ndarray]] | None = None
+
+    def warn(self, message: str) -> None:
+        """Record a warning: kept in ``warnings`` and ``report["warnings"]``, printed by the CLI."""
+        self.warnings.append(message)
+        self.report.setdefault("warnings", []).append(message)
 
     # -- analyses ------------------------------------------------------------------
 

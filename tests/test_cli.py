@@ -155,3 +155,19 @@ def test_internal_error_is_one_line_with_hint(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(Exception, match="simulated bug"):
         cli_module.main([model, "-t", "reference", "-o", str(tmp_path / "o"), "--debug"])
+
+
+def test_warnings_go_to_stderr_and_the_report(cli, tmp_path):
+    """A wide int16 × int8 product: the compile succeeds, warns once on stderr, records it in report.json."""
+    k = 512
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="wide")], [tensor("x", [1, k])], [tensor("y", [1, 4])],
+                       [helper.make_tensor("w", onnx.TensorProto.FLOAT, [k, 4], np.full(k * 4, 0.5, np.float32))])
+    model = save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((8, 1, k)).astype(np.float32))
+    out = tmp_path / "out"
+    result = cli(model, "-t", "reference", "-o", out, "--calib", tmp_path / "calib.npz", "--report",
+                 "--pipeline", "insert-fake-quant{activations=int16:per-tensor:asym},lower-integer")
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("qcompile: warning: lower-integer: 1 of 1 integer products could overflow") and "node 'wide' (MatMul)" in line
+    assert json.loads((out / "report.json").read_text())["warnings"] == [line.removeprefix("qcompile: warning: ")]

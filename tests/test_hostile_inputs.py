@@ -130,21 +130,35 @@ class CliRun:
     skipped: str | None = None
 
 
+#: Runs ``qcompile`` as its child and writes the child's peak RSS (KiB) to argv[1]. A process
+#: forked from pytest would report pytest's own RSS as its peak: Linux keeps the high-water
+#: mark of the address space it replaces at exec, so the measurement needs a small parent.
+_RSS_WRAPPER = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
 def _run_qcompile(args: list[str], cwd: Path | None) -> tuple[int, str, str, int]:
-    """Run the console script; return status, stdout, stderr and the child's peak RSS."""
+    """Run the console script; return status, stdout, stderr and its peak RSS in bytes."""
     exe = Path(sys.executable).with_name("qcompile")
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([str(exe), *args], stdout=out, stderr=err, cwd=cwd)
-        timer = threading.Timer(CLI_TIMEOUT, proc.kill)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as tmp:
+        rss_file = Path(tmp) / "rss"
+        proc = subprocess.Popen([sys.executable, "-c", _RSS_WRAPPER, str(rss_file), str(exe), *args],
+                                stdout=out, stderr=err, cwd=cwd, start_new_session=True)
+        timer = threading.Timer(CLI_TIMEOUT, lambda: os.killpg(proc.pid, 9))
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            code = proc.wait()
         finally:
             timer.cancel()
-        proc.returncode = code = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return code, out.read().decode(errors="replace"), err.read().decode(errors="replace"), usage.ru_maxrss * 1024
+        rss = int(rss_file.read_text()) * 1024 if rss_file.exists() else 0
+        return code, out.read().decode(errors="replace"), err.read().decode(errors="replace"), rss
 
 
 @pytest.fixture(scope="module")

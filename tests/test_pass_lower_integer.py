@@ -143,7 +143,7 @@ def test_softmax_variant_can_be_forced():
 
 def test_large_int16_sums_use_int64_accumulators():
     k = 512
-    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [tensor("x", [1, k])], [tensor("y", [1, 4])],
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [tensor("x", [1, k])], [tensor("y", [1, 4])],
                        [init("w", np.full((k, 4), 0.5, np.float32))])
     model = to_ir(proto)
     quantize(model, (1, k), "insert-fake-quant{activations=int16:per-tensor:asym}")
@@ -153,6 +153,17 @@ def test_large_int16_sums_use_int64_accumulators():
     assert acc["accumulator"] == "int64" and acc["bound"] >= 2**31
     node = next(n for n in model.graph if n.op_type == "IntMatMul")
     assert node.attributes["acc_type"].as_string() == "int64"
+    (warning,) = ctx.warnings
+    assert "1 of 1 integer products could overflow an int32 accumulator" in warning and "node 'mm' (MatMul)" in warning
+    assert ctx.report["warnings"] == ctx.warnings
+
+
+def test_int8_products_that_fit_int32_give_no_warning():
+    model = to_ir(mlp())
+    ctx = quantize(model, (1, 16), "insert-fake-quant,lower-integer")
+    accumulators = ctx.report["integer_lowering"]["accumulators"]
+    assert accumulators and all(a["accumulator"] == "int32" for a in accumulators)
+    assert ctx.warnings == []
 
 
 def test_does_not_lower_what_has_no_integer_form():
