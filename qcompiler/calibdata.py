@@ -22,11 +22,14 @@ from .errors import CalibrationDataError
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Name, static shape and numpy dtype of one model input."""
+    """Name, static shape and numpy dtype of one model input, and for an input that
+    indexes a table (token ids into a Gather) the values it may hold and why."""
 
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    valid_range: tuple[int, int] | None = None
+    range_reason: str = ""
 
 
 class CalibrationData:

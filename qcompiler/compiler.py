@@ -12,7 +12,7 @@ import onnx_ir as ir
 from .artifact import atomic_output_dir, tool_versions, write_manifest
 from .calibdata import CalibrationData, input_specs
 from .errors import TargetError
-from .graph import get_stage
+from .graph import get_stage, index_input_ranges
 from .instruments import default_instruments
 from .passmanager import Instrument, PassContext, run_pipeline
 from .pipeline import Pipeline
@@ -27,15 +27,19 @@ class CompileResult:
     model: ir.Model
 
 
-def _io(values) -> list[dict]:
-    return [
-        {
+def _io(values, ranges: dict[str, tuple[int, int, str]] | None = None) -> list[dict]:
+    entries = []
+    for v in values:
+        entry = {
             "name": v.name,
             "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
             "dtype": str(v.dtype.numpy()),
         }
-        for v in values
-    ]
+        if ranges and v.name in ranges:
+            lo, hi, reason = ranges[v.name]
+            entry["valid_range"] = {"min": lo, "max": hi, "reason": reason}
+        entries.append(entry)
+    return entries
 
 
 def _write_qdq_model(out_dir: Path, model: ir.Model, ctx: PassContext) -> None:
@@ -106,7 +110,7 @@ def compile_model(
             "legalize": target.legalize,
             "stage": get_stage(model),
             "seed": seed,
-            "inputs": _io(model.graph.inputs),
+            "inputs": _io(model.graph.inputs, index_input_ranges(model)),
             "outputs": _io(model.graph.outputs),
             "versions": tool_versions(),
             "target_info": target_info,

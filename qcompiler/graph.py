@@ -142,6 +142,43 @@ def node_label(node: ir.Node) -> str:
     return f"node '{node.name or '<unnamed>'}' ({op})"
 
 
+#: Ops an index passes through unchanged on its way from a graph input to a Gather.
+_INDEX_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose"})
+
+
+def index_input_ranges(model: ir.Model) -> dict[str, tuple[int, int, str]]:
+    """Graph inputs whose values index a Gather axis of known size ``s``: their valid
+    range ``[−s, s − 1]`` (intersected over every such use) and the node that sets it.
+
+    An index outside it is an error in ONNX; runners check it before executing, so a
+    compiled artifact never sees one."""
+    ranges: dict[str, tuple[int, int, str]] = {}
+    for value in model.graph.inputs:
+        if value.dtype not in (ir.DataType.INT32, ir.DataType.INT64, ir.DataType.INT16, ir.DataType.INT8,
+                               ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64):
+            continue
+        pending, seen = [value], set()
+        while pending:
+            current = pending.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            for node, index in current.uses():
+                if node.domain in ("", "ai.onnx") and node.op_type in _INDEX_PASS_THROUGH and index == 0:
+                    pending.extend(node.outputs[:1])
+                elif node.domain in ("", "ai.onnx") and node.op_type == "Gather" and index == 1:
+                    data = node.inputs[0].shape
+                    if data is None:
+                        continue
+                    axis = node.attributes.get_int("axis", 0) % max(len(data), 1)
+                    size = data[axis] if len(data) else None
+                    if not isinstance(size, int):
+                        continue
+                    if value.name not in ranges or size < ranges[value.name][1] + 1:  # the smallest axis bounds it
+                        ranges[value.name] = (-size, size - 1, f"it indexes an axis of {size} in {node_label(node)}")
+    return ranges
+
+
 def ensure_opset(model: ir.Model, version: int) -> None:
     """Upgrade the default-domain opset to at least ``version`` (no-op if already there)."""
     current = model.graph.opset_imports.get("", 1)

@@ -77,8 +77,20 @@ class Runner:
                 raise InputError(
                     f"input '{spec.name}' has shape {list(array.shape)}, expected {list(spec.shape)}"
                 )
+            if spec.valid_range is not None and array.size:
+                _check_range(spec, array)
             checked[spec.name] = np.ascontiguousarray(array)
         return checked
+
+
+def _check_range(spec: InputSpec, array: np.ndarray) -> None:
+    lo, hi = spec.valid_range
+    bad = (array < lo) | (array > hi)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(
+            f"input '{spec.name}' holds {array[where]} at {list(where)}, outside [{lo}, {hi}]: {spec.range_reason}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,4 +134,9 @@ def default_targets() -> TargetRegistry:
 
 def io_specs(entries: list[dict]) -> list[InputSpec]:
     """InputSpecs from a manifest's ``inputs``/``outputs`` list."""
-    return [InputSpec(e["name"], tuple(e["shape"]), np.dtype(e["dtype"])) for e in entries]
+    specs = []
+    for e in entries:
+        valid = e.get("valid_range")
+        bounds = (int(valid["min"]), int(valid["max"])) if valid else None
+        specs.append(InputSpec(e["name"], tuple(e["shape"]), np.dtype(e["dtype"]), bounds, valid["reason"] if valid else ""))
+    return specs

@@ -308,14 +308,16 @@ class FpgaSimTarget(Target):
 
     @classmethod
     def load(cls, out_dir: Path, manifest: dict) -> Runner:
-        return FpgaSimRunner(Path(out_dir), manifest["target_info"])
+        return FpgaSimRunner(Path(out_dir), manifest["target_info"], manifest["inputs"])
 
 
 class FpgaSimRunner(Runner):
     """Runs the C simulation: inputs to raw files, ``qc_sim IN OUT``, outputs back."""
 
-    def __init__(self, out_dir: Path, info: dict):
-        super().__init__(io_specs(info["inputs"]), [o["name"] for o in info["outputs"]])
+    def __init__(self, out_dir: Path, info: dict, graph_inputs: list[dict] = ()):
+        ranges = {e["name"]: e["valid_range"] for e in graph_inputs if "valid_range" in e}
+        entries = [{**e, "valid_range": ranges[e["name"]]} if e["name"] in ranges else e for e in info["inputs"]]
+        super().__init__(io_specs(entries), [o["name"] for o in info["outputs"]])
         self.out_dir = out_dir
         self.info = info
         self.binary = out_dir / info["binary"]

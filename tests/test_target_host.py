@@ -258,3 +258,23 @@ def _host_tvm_target() -> dict:
     from qcompiler.targets.host import HostTarget
 
     return HostTarget().tvm_target()
+
+
+@pytest.mark.parametrize("target", ["host", "reference"])
+def test_out_of_range_token_ids_are_refused_before_the_call(target, tmp_path):
+    """A Gather index fed by a graph input (through a Cast) gets its valid range in the manifest."""
+    g = tm.GraphBuilder(0)
+    ids = g.input("ids", [1, 6], TensorProto.INT32)
+    rows = g.op("Gather", [g.weight((50, 8)), g.op("Cast", [ids], to=TensorProto.INT64)], name="embed", axis=0)
+    model = g.model([(rows, TensorProto.INT8, [1, 6, 8])])
+    manifest = build(target, model, tmp_path / "out")
+    (entry,) = manifest["inputs"]
+    assert entry["valid_range"] == {"min": -50, "max": 49, "reason": "it indexes an axis of 50 in node 'embed' (Gather)"}
+    runner = qcompiler.load(tmp_path / "out")
+    ok = np.array([[0, 49, -1, -50, 7, 3]], np.int32)
+    np.testing.assert_array_equal(runner.run({"ids": ok})[rows], tm.reference(model, {"ids": ok})[rows])
+    for bad, where in ((50, 1), (-51, 4)):
+        ids_bad = ok.copy()
+        ids_bad[0, where] = bad
+        with pytest.raises(qcompiler.errors.InputError, match=rf"input 'ids' holds {bad} at \[0, {where}\], outside \[-50, 49\]: it indexes an axis of 50 in node 'embed'"):
+            runner.run({"ids": ids_bad})

@@ -188,3 +188,20 @@ def test_only_the_bridge_imports_tvm():
         if bridge not in p.parents and _imports_tvm(p)
     ]
     assert offenders == []
+
+
+def test_gather_takes_negative_indices_and_never_reads_outside_the_table():
+    g = tm.GraphBuilder(0)
+    ids = g.input("ids", [2, 5], TensorProto.INT64)
+    cols = g.input("cols", [3], TensorProto.INT32)
+    table = g.weight((7, 4))
+    rows = g.op("Gather", [table, ids], axis=0)
+    picked = g.op("Gather", [table, cols], axis=1)
+    model = g.model([(rows, TensorProto.INT8, [2, 5, 4]), (picked, TensorProto.INT8, [7, 3])])
+    feeds = {"ids": np.array([[0, 6, -1, -7, 3], [2, -2, 5, 1, 0]], np.int64), "cols": np.array([-4, 3, -1], np.int32)}
+    assert_bit_exact(model, feeds)
+    # past the ends (ONNX calls it an error; runners refuse it first): clamped, not read out of bounds
+    got = run_tvm(model, {"ids": np.array([[10**9, -(10**9), 7, -8, 0]] * 2, np.int64), "cols": np.array([4, -5, 0], np.int32)})
+    every_row = tm.reference(model, {"ids": np.array([[0, 1, 2, 3, 4], [5, 6, 6, 6, 6]], np.int64), "cols": np.array([0, 1, 2], np.int32)})[rows]
+    table = every_row.reshape(10, 4)[:7]
+    np.testing.assert_array_equal(got[rows][0], table[[6, 0, 6, 0, 0]])  # clamped after wrapping negatives once

@@ -1326,6 +1326,23 @@ def _cast(lo: _Lowerer, node: ir.Node):
     return x if to == lo.dtype(x) else lo.emit(lo.R.astype(x, to))
 
 
+def _gather(lo: _Lowerer, node: ir.Node):
+    """ONNX ``Gather``: a negative index counts from the end of the axis. Out-of-range
+    indices are clamped, so the compiled code never reads outside the table (TVM's
+    default ``take`` would); runners refuse out-of-range index inputs before the call."""
+    R = lo.R
+    data, idx = lo.expr(node.inputs[0]), lo.expr(node.inputs[1])
+    shape = lo.shape(data)
+    axis = _attr(node, "axis", 0) % len(shape)
+    itype = lo.dtype(idx)
+    if itype not in ("int32", "int64"):
+        idx, itype = lo.emit(R.astype(idx, "int64")), "int64"
+    size = lo.relax.const(np.array(shape[axis], itype), itype)
+    zero = lo.relax.const(np.array(0, itype), itype)
+    wrapped = lo.emit(R.where(lo.emit(R.less(idx, zero)), lo.emit(R.add(idx, size)), idx))
+    return lo.emit(R.take(data, wrapped, axis=axis, mode="clip"))
+
+
 _HANDLERS = {
     (QC_DOMAIN, "Requantize"): _requantize,
     (QC_DOMAIN, "IntAdd"): _int_add,
@@ -1340,6 +1357,7 @@ _HANDLERS = {
     ("", "QuantizeLinear"): _quantize_linear,
     ("", "DequantizeLinear"): _dequantize_linear,
     ("", "Cast"): _cast,
+    ("", "Gather"): _gather,
 }
 
 #: Op types lowered by this module itself (the rest of the standard ops use TVM's ONNX frontend).
