@@ -205,3 +205,36 @@ def test_gather_takes_negative_indices_and_never_reads_outside_the_table():
     every_row = tm.reference(model, {"ids": np.array([[0, 1, 2, 3, 4], [5, 6, 6, 6, 6]], np.int64), "cols": np.array([0, 1, 2], np.int32)})[rows]
     table = every_row.reshape(10, 4)[:7]
     np.testing.assert_array_equal(got[rows][0], table[[6, 0, 6, 0, 0]])  # clamped after wrapping negatives once
+
+
+def test_cpu_schedule_computes_a_chain_read_at_two_rows_once():
+    """An int16 split reads the same expensive chain at row i (high bytes) and i − M (low bytes):
+    the schedule keeps the chain in one buffer instead of inlining it into both halves."""
+    import tvm
+    from tvm import te
+
+    m, n = 64, 96
+    x = te.placeholder((m, n), "int32", name="x")
+    def step(c, s):
+        return te.compute((m, n), lambda i, j: (c[i, j] * (s + 3) + 7) >> 1, name=f"step{s}")
+
+    chain = x
+    for s in range(40):  # long enough that recomputing it would cost
+        chain = step(chain, s)
+    split = te.compute(
+        (2 * m, n),
+        lambda i, j: tvm.tirx.if_then_else(i < m, chain[i, j] >> 8, chain[i - m, j] & 255).astype("int16"),
+        name="split",
+    )
+    func = te.create_prim_func([x, split])
+    scheduled = tvm_bridge._cpu_kernel_schedule(func)
+    text = scheduled.script()
+    assert text.count("T.parallel") == 2 and "step39" in text  # chain materialised once, then the split
+    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target="llvm")
+    data = np.random.default_rng(0).integers(-1000, 1000, (m, n)).astype(np.int32)
+    want = data.astype(np.int64)
+    for s in range(40):  # int32 wrap-around, then an arithmetic shift
+        want = ((want * (s + 3) + 7) & 0xFFFFFFFF).astype(np.uint32).view(np.int32).astype(np.int64) >> 1
+    got = tvm.runtime.tensor(np.zeros((2 * m, n), np.int16))
+    lib["main"](tvm.runtime.tensor(data), got)
+    np.testing.assert_array_equal(got.numpy(), np.concatenate([want >> 8, want & 255]).astype(np.int16))

@@ -1467,14 +1467,13 @@ def _schedule_cpu(mod, *, vectorize: bool = True):
 def _cpu_kernel_schedule(func, vectorize: bool = True):
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base import try_inline
 
     sch = s_tir.Schedule(func)
     try:
         infos = normalize_prim_func(sch)
         if infos is None:
             return None
-        infos = try_inline(sch, infos)
+        infos = _inline_without_recomputing(sch, infos)
         for info in infos:
             block = info.block_rv
             loops = sch.get_loops(block)
@@ -1504,6 +1503,50 @@ def _cpu_kernel_schedule(func, vectorize: bool = True):
     except Exception:  # noqa: BLE001 - an unschedulable kernel keeps TVM's default loops
         return None
     return sch.mod["main"].with_attr(SCHEDULED, True)
+
+
+#: A block whose printed body is longer than this is not inlined into a consumer that reads
+#: it at two different indices (the consumer would compute it twice): e.g. a GELU chain
+#: feeding both the high-byte and the low-byte rows of an int16 split. (Several reads at
+#: the same index are fine: LLVM computes the common expression once.)
+_RECOMPUTE_MAX_CHARS = 400
+
+
+def _inline_without_recomputing(sch, infos):
+    """Inline element-wise blocks into their consumers, as dlight's ``try_inline`` does,
+    except expensive blocks a consumer reads at several indices: those are computed once."""
+    import re
+
+    def recomputed(block) -> bool:
+        stmt = sch.get(block)
+        if len(str(stmt.body)) <= _RECOMPUTE_MAX_CHARS or not stmt.writes:
+            return False
+        source = stmt.writes[0].source
+        pattern = re.escape(getattr(source, "name", None) or str(source)) + r"\[[^\]]*\]"
+        consumers = sch.get_consumers(block)  # several: wait until they have merged, then look again
+        return len(consumers) > 1 or any(len(set(re.findall(pattern, str(sch.get(c).body)))) > 1 for c in consumers)
+
+    def inline_one() -> bool:
+        kept = {sch.get(info.block_rv).name_hint for info in infos if recomputed(info.block_rv)}
+        for index, info in enumerate(infos):
+            block = info.block_rv
+            if sch.get(block).name_hint in kept:
+                continue
+            ways = [sch.compute_inline]
+            if not any(sch.get(p).name_hint in kept for p in sch.get_producers(block)):
+                ways.append(sch.reverse_compute_inline)  # not into a block kept to be computed once
+            for inline in ways:
+                try:
+                    inline(block)
+                except Exception:  # noqa: BLE001 - not inlinable this way
+                    continue
+                infos.pop(index)
+                return True
+        return False
+
+    while inline_one():
+        pass
+    return infos
 
 
 def export(executable, path: Path, *, cc: str | None = None, options: Sequence[str] = ()) -> None:
