@@ -12,11 +12,20 @@ Models: all-MiniLM-L6-v2 (batch 1, seq 128) and the digits CNN
     torch FP32                   the torch module (MiniLM: transformers; CNN: the trained net)
     torch int8 dynamic           torch.ao.quantization.quantize_dynamic on nn.Linear
 
-Runs are interleaved (A B C … A B C …) in one process after a warm-up, so every
-contender sees the same machine state (no thread pool spin-waits between calls:
-``OMP_WAIT_POLICY=PASSIVE``, ``TVM_THREAD_POOL_SPIN_COUNT=0``, ORT
-``session.intra_op.allow_spinning=0``); the table gives the median and min–max in ms
-and the ratio of medians to ORT FP32 and to ORT's fastest int8 mode. Also:
+Two ways to run them (``--mode``); the table gives the median and min–max in ms and
+the ratio of medians to ORT FP32 and to ORT's fastest int8 mode, from the same run:
+
+* ``interleaved`` (default): A B C … A B C … in one process after a warm-up, so every
+  contender sees the same machine state. No thread pool may spin-wait between calls
+  (``OMP_WAIT_POLICY=PASSIVE``, ``TVM_THREAD_POOL_SPIN_COUNT=0``, ORT
+  ``session.intra_op.allow_spinning=0``), or it would steal the next contender's cores;
+  every parallel region then pays for waking its worker threads.
+* ``blocks``: each contender runs all its calls back to back, with the runtimes'
+  default thread settings (worker threads spin between parallel regions, as in a
+  service that runs one model), and a pause between contenders so that the previous
+  one's spinning threads have gone to sleep.
+
+Also:
 
 * int8 GEMM micro-benchmark: ``MatMulInteger`` (u8 activations × s8 constant weights →
   int32) built by the host target for M=128 and (K, N) in (384, 1536), (1536, 384),
@@ -47,11 +56,22 @@ from typing import Callable
 THREADS = 2
 os.environ["TVM_NUM_THREADS"] = str(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
-# No runtime busy-waits for work between calls: with interleaved runs on a few cores a
-# spinning thread pool (ORT's, OpenMP's, TVM's) would steal the next contender's cores.
-os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+#: "interleaved" or "blocks" (set by main before any runtime starts its threads).
+MODE = "interleaved"
+#: Seconds between two contenders in blocks mode: spinning workers go to sleep before that.
+BLOCK_PAUSE_S = 2.0
+
+
+def set_mode(mode: str) -> None:
+    """Thread-pool settings for ``mode``; must run before TVM, ORT or torch start threads."""
+    global MODE
+    MODE = mode
+    if mode == "interleaved":
+        # No runtime busy-waits for work between calls: with interleaved runs on a few cores
+        # a spinning thread pool (ORT's, OpenMP's, TVM's) would steal the next contender's cores.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
 
 import numpy as np  # noqa: E402
 
@@ -65,17 +85,29 @@ ORT_INT8 = ("ORT int8 dynamic", "ORT int8 static QDQ")
 # -- measurement ------------------------------------------------------------------------------
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, dict]:
-    """Time every contender ``runs`` times, round-robin; ms statistics per contender."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
+def measure(contenders: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, dict]:
+    """Time every contender ``runs`` times (round-robin, or in blocks: see MODE); ms statistics."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(runs):
+
+    def timed(name: str, fn: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        fn()
+        times[name].append((time.perf_counter() - start) * 1e3)
+
+    if MODE == "blocks":
         for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            time.sleep(BLOCK_PAUSE_S)
+            for _ in range(warmup):
+                fn()
+            for _ in range(runs):
+                timed(name, fn)
+    else:
+        for fn in contenders.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(runs):
+            for name, fn in contenders.items():
+                timed(name, fn)
     return {
         name: {"median_ms": float(np.median(t)), "min_ms": float(np.min(t)), "max_ms": float(np.max(t)), "runs": len(t)}
         for name, t in times.items()
@@ -102,20 +134,28 @@ def table(title: str, stats: dict[str, dict], skipped: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+#: Runs a command as its child and prints the child's peak RSS (KiB) to stdout. Measured
+#: through this small parent because a process forked from a large one (this script, with
+#: torch and TVM loaded) inherits that process's high-water mark across exec.
+_RSS_WRAPPER = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+sys.stderr.write(done.stderr)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(done.returncode)
+"""
+
+
 def qcompile(*args) -> dict:
-    """Run the ``qcompile`` command; wall time and the child's peak RSS."""
+    """Run the ``qcompile`` command; wall time and its peak RSS."""
     exe = Path(sys.executable).with_name("qcompile")
     start = time.perf_counter()
-    proc = subprocess.Popen([str(exe), *map(str, args), "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, str(exe), *map(str, args), "--force"],
+                          capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stderr = proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"qcompile {' '.join(map(str, args))} failed: {stderr.strip()}")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+    if done.returncode != 0:
+        raise RuntimeError(f"qcompile {' '.join(map(str, args))} failed: {done.stderr.strip()}")
+    return {"seconds": seconds, "peak_rss_mb": int(done.stdout.split()[-1]) / 1024}
 
 
 def ort_session(path: Path):
@@ -125,7 +165,8 @@ def ort_session(path: Path):
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if MODE == "interleaved":
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -208,15 +249,15 @@ def bench_model(name: str, onnx_path: Path, calib: Path, feeds: dict, torch_modu
     except Exception as exc:  # noqa: BLE001
         skipped["ORT int8 static QDQ"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
     contenders.update(torch_calls(torch_module, feeds))
-    print(f"== {name}: {runs} interleaved runs of {len(contenders)} contenders", flush=True)
-    stats = interleaved(contenders, runs)
+    print(f"== {name}: {runs} runs ({MODE}) of {len(contenders)} contenders", flush=True)
+    stats = measure(contenders, runs)
     add_ratios(stats)
-    overhead = interleaved(
+    overhead = measure(
         {"runner.run": contenders["qcompiler host int8 (w8a8)"], "vm main": raw_vm_call(work / f"{name}_host_w8a8", feeds)},
         runs,
     )
     per_call = overhead["runner.run"]["median_ms"] - overhead["vm main"]["median_ms"]
-    print(table(f"{name} (batch 1, {THREADS} threads)", stats, skipped))
+    print(table(f"{name} (batch 1, {THREADS} threads, {MODE})", stats, skipped))
     print(f"runner per-call overhead: {per_call:.3f} ms "
           f"({100 * per_call / max(overhead['runner.run']['median_ms'], 1e-9):.1f} % of the int8 latency)")
     return {"latency": stats, "skipped": skipped, "compile": compiles, "runner_overhead_ms": per_call,
@@ -318,14 +359,14 @@ def gemm(work: Path, runs: int) -> dict:
         got = qcompiler.load(out).run(feeds)["y"]
         if not np.array_equal(want, got):
             raise AssertionError(f"int8 GEMM {m}x{k}x{n}: host output differs from onnxruntime")
-        stats = interleaved({"qcompiler host": raw_vm_call(out, feeds), "ORT MatMulInteger": ort_call(path, feeds)}, runs)
+        stats = measure({"qcompiler host": raw_vm_call(out, feeds), "ORT MatMulInteger": ort_call(path, feeds)}, runs)
         ops = 2.0 * m * n * k
         entry = {}
         for name, s in stats.items():
             gops = ops / (s["median_ms"] * 1e-3) * 1e-9
             entry[name] = {**s, "gops": gops, "fraction_of_peak": gops / peak["gops"] if peak else None}
         rows[f"M={m} K={k} N={n}"] = entry
-    print(f"\nint8 GEMM (u8×s8→s32, {THREADS} threads); peak "
+    print(f"\nint8 GEMM (u8×s8→s32, {THREADS} threads, {MODE}); peak "
           + (f"{peak['gops']:.0f} GOPS ({peak['instruction']} loop)" if peak else "not measured (no VNNI/dotprod)"))
     print(f"{'shape':<22} {'kernel':<20} {'median ms':>10} {'GOPS':>8} {'of peak':>8}")
     for shape, entry in rows.items():
@@ -341,7 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="minilm,cnn,gemm", help="comma-separated: minilm, cnn, gemm")
     parser.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--mode", choices=("interleaved", "blocks"), default="interleaved",
+                        help="interleaved runs without spinning thread pools, or each contender's runs back to back "
+                             "with default (spinning) thread pools")
     args = parser.parse_args(argv)
+    set_mode(args.mode)
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(chosen) - {"minilm", "cnn", "gemm"})
     if unknown:
@@ -349,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     temp = None if args.work else tempfile.TemporaryDirectory()
     work = Path(args.work or temp.name)
     work.mkdir(parents=True, exist_ok=True)
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": THREADS}}
+    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": THREADS}, "mode": args.mode}
     try:
         for name in chosen:
             results[name] = {"minilm": minilm, "cnn": cnn, "gemm": gemm}[name](work, args.runs)
