@@ -148,14 +148,13 @@ _INDEX_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Fla
 
 def index_input_ranges(model: ir.Model) -> dict[str, tuple[int, int, str]]:
     """Graph inputs whose values index a Gather axis of known size ``s``: their valid
-    range ``[−s, s − 1]`` (intersected over every such use) and the node that sets it.
+    range ``[−s, s − 1]`` (the smallest such axis over every use) and the node that sets it.
 
     An index outside it is an error in ONNX; runners check it before executing, so a
     compiled artifact never sees one."""
     ranges: dict[str, tuple[int, int, str]] = {}
     for value in model.graph.inputs:
-        if value.dtype not in (ir.DataType.INT32, ir.DataType.INT64, ir.DataType.INT16, ir.DataType.INT8,
-                               ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64):
+        if value.dtype is None or not value.dtype.is_integer():
             continue
         pending, seen = [value], set()
         while pending:
