@@ -209,28 +209,33 @@ def test_vnni_kernels_use_vpdpbusd():
         assert report["int8_matmul_kernels"] and report["int8_matmul_fallback"] == []
         asm = tvm_bridge.assembly(tvm_bridge.compile(mod, target))
         for kernel in report["int8_matmul_kernels"]:
-            assert "vpdpbusd" in _kernel_assembly(asm, kernel), f"{name}: no vpdpbusd in {kernel}"
+            assert all("vpdpbusd" in body for body in _kernel_assembly(asm, kernel)), f"{name}: no vpdpbusd in {kernel}"
     convs, report = tvm_bridge.lower_with_report(tm.int8_convs(), int8_dot="vnni")
     covered = sorted(node for nodes in report["int8_matmul_kernels"].values() for node in nodes)
     assert covered == ["batch2", "conv1d", "dilated", "stride2"]  # im2col + the dense kernel
     assert report["int8_matmul_fallback"] == ["depthwise"]  # grouped: the generic conv2d
     asm = tvm_bridge.assembly(tvm_bridge.compile(convs, target))
     for kernel in report["int8_matmul_kernels"]:
-        assert "vpdpbusd" in _kernel_assembly(asm, kernel), f"int8-convs: no vpdpbusd in {kernel}"
+        assert all("vpdpbusd" in body for body in _kernel_assembly(asm, kernel)), f"int8-convs: no vpdpbusd in {kernel}"
     plain = tvm_bridge.assembly(tvm_bridge.compile(tvm_bridge.lower(dense_int8_zero_points()), target))
     assert "vpdpbusd" not in plain  # the generic dense kernel does not reach it by itself
 
 
-def _kernel_assembly(asm: str, kernel: str) -> str:
-    """A kernel's body and the parallel lambdas that follow it (where its loops run)."""
-    start = asm.index(f"\n{kernel}_compute_:")
-    pieces = re.split(r"\n\t\.type\t([^,]+),@function", asm[start:])
-    text = pieces[0]
-    for name, body in zip(pieces[1::2], pieces[2::2]):
-        if "parallel_lambda" not in name:
-            break
-        text += body
-    return text
+def _kernel_assembly(asm: str, kernel: str) -> list[str]:
+    """The bodies of a kernel (as built, or fused with the element-wise ops after it: ``fused_<kernel>_…``)
+    and of the parallel lambdas that follow each (where its loops run); one per symbol."""
+    starts = [m.start() for m in re.finditer(rf"\n(?:fused_)?{kernel}\w*_compute_:", asm)]
+    assert starts, f"no symbol for {kernel}"
+    bodies = []
+    for start in starts:
+        pieces = re.split(r"\n\t\.type\t([^,]+),@function", asm[start:])
+        text = pieces[0]
+        for name, body in zip(pieces[1::2], pieces[2::2]):
+            if "parallel_lambda" not in name:
+                break
+            text += body
+        bodies.append(text)
+    return bodies
 
 
 def test_fused_kernels_are_scheduled_for_the_cpu():
@@ -278,3 +283,80 @@ def test_out_of_range_token_ids_are_refused_before_the_call(target, tmp_path):
         ids_bad[0, where] = bad
         with pytest.raises(qcompiler.errors.InputError, match=rf"input 'ids' holds {bad} at \[0, {where}\], outside \[-50, 49\]: it indexes an axis of 50 in node 'embed'"):
             runner.run({"ids": ids_bad})
+
+
+def _fused_and_scheduled(model):
+    """The host module of ``model`` after Relax fusion and the int8 kernel schedules."""
+    import tvm
+    from tvm import relax
+
+    from qcompiler.targets import tvm_bridge
+
+    mod = tvm_bridge.lower(model, int8_dot="vnni")
+    with tvm.transform.PassContext(opt_level=3), tvm.target.Target(_host_tvm_target()):
+        return tvm_bridge.schedule_dot_kernels(relax.get_pipeline("zero")(mod))
+
+
+def _dot_kernels(mod) -> dict:
+    import tvm
+
+    from qcompiler.targets import tvm_bridge
+
+    return {
+        g.name_hint: f for g, f in mod.functions.items()
+        if isinstance(f, tvm.tirx.PrimFunc) and tvm_bridge.has_dot_block(f) and g.name_hint.startswith("fused_")
+    }
+
+
+def _output_buffer(func) -> tuple[list[int], str]:
+    """Shape and dtype of a kernel's last parameter (its output)."""
+    signature = re.split(r"def \w+\(", func.script())[1].split("):")[0]
+    shape, dtype = re.findall(r'T\.Buffer\(\((.*?)\), "(\w+)"', signature)[-1]
+    return [int(d) for d in re.findall(r"\d+", shape.replace("T.int64", ""))], dtype
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="this CPU (LLVM's host target) has no AVX-512 VNNI")
+def test_vnni_dense_writes_requantized_outputs_directly():
+    """Relax fuses the requantize after an int8 dense into the VNNI kernel, whose epilogue then
+    writes the 8-bit result tile by tile: no int32 accumulators in memory, no kernel of their own."""
+    from qcompiler.targets import tvm_bridge
+
+    kernels = _dot_kernels(_fused_and_scheduled(dense_uint8_requant()))
+    outputs = sorted(_output_buffer(k) for k in kernels.values())
+    # fc1 + requantize → uint8; fc2 (N = 20, computed as 32 columns) + the slice back to 20
+    assert outputs == [([2, 3, 20], "int32"), ([2, 3, 48], "uint8")], sorted(kernels)
+    for kernel in kernels.values():
+        assert "vpdpbusd" in kernel.script() and tvm_bridge.SCHEDULED in kernel.attrs
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="this CPU (LLVM's host target) has no AVX-512 VNNI")
+def test_vnni_int16_rows_are_split_inside_the_kernel():
+    """int16 × int8: the kernel splits each row into its two uint8 halves next to the products;
+    no split, concatenate or recombine kernels are left in the module."""
+    import tvm
+
+    mod = _fused_and_scheduled(int16_by_int8())
+    names = [g.name_hint for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert not [n for n in names if any(w in n for w in ("concatenate", "bitwise_and", "left_shift"))], names
+    for kernel in ("qc_int8_dense_i16_4x48x52_vnni", "qc_int8_dense_i16_acc64_4x48x52_vnni"):
+        assert any(n.startswith(kernel) or n.startswith(f"fused_{kernel}") for n in names), names
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="this CPU (LLVM's host target) has no AVX-512 VNNI")
+def test_vnni_epilogue_folds_a_residual_operand_chain(tmp_path):
+    """dense → requantize → integer add with another input (a residual): the other operand's
+    chain joins the same epilogue, and the result stays bit-exact with the reference."""
+    g = tm.GraphBuilder(21)
+    x = g.input("x", [1, 8, 32], TensorProto.INT8)
+    skip = g.input("skip", [1, 8, 32], TensorProto.INT8)
+    acc = g.op("MatMulInteger", [x, g.weight((32, 32)), g.const(np.int8(3))], name="fc")
+    h = g.requant(acc, g.rng.uniform(0.0005, 0.001, 32), np.int8(-2), axis=2)
+    y = g.op("IntAdd", [h, g.const(np.int8(-2)), skip, g.const(np.int8(5)), g.const(np.int8(1))], tm.QC,
+             name="residual", a_multiplier=3, b_multiplier=5, shift=3)
+    model = g.model([(y, TensorProto.INT8, [1, 8, 32])])
+    kernels = _dot_kernels(_fused_and_scheduled(model))
+    assert [_output_buffer(k) for k in kernels.values()] == [([1, 8, 32], "int8")], sorted(kernels)
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.integers(-128, 128, (1, 8, 32), dtype=np.int8) for name in ("x", "skip")}
+    build("host", model, tmp_path / "out")
+    np.testing.assert_array_equal(qcompiler.load(tmp_path / "out").run(feeds)[y], tm.reference(model, feeds)[y])

@@ -525,6 +525,10 @@ def _matmul_acc(lo: _Lowerer, a, b, za, zb, acc: str, b_const: np.ndarray | None
         split = _int16_by_int8(lo, a, b_const, za, zb, acc)
         if split is not None:
             return split
+    if lo.int8_dot == "vnni" and acc == "int32" and b_const is not None and len(b_shape) == 2:
+        w_nk = _weights_nk(b_const, zb)  # any leading axes: the kernel keeps them (see _vnni_dense)
+        if lo.dtype(a) in ("int8", "uint8") and w_nk.dtype == np.int8 and np.size(za if za is not None else 0) <= 1:
+            return _vnni_dense(lo, a, w_nk, za)
     if acc == "int64":
         return lo.emit(R.matmul(lo.sub_zp(a, za), lo.sub_zp(b, zb), out_dtype="int64"))
     if za is not None and np.size(za) > 1:  # per-row activation zero point: plain widened matmul
@@ -532,10 +536,8 @@ def _matmul_acc(lo: _Lowerer, a, b, za, zb, acc: str, b_const: np.ndarray | None
         zb = None if zb is None else _column_view(zb, len(b_shape))
         return lo.emit(R.matmul(_sub_narrow(lo, a, za), _sub_narrow(lo, b, zb), out_dtype="int32"))
     if b_const is not None and len(b_shape) == 2:
-        w = b_const.astype(np.int64)
-        if zb is not None and np.any(zb):
-            w = w - _column_view(zb, 2).astype(np.int64)
-        w_nk = np.ascontiguousarray(w.T).astype(_narrowest(w))
+        w_nk = _weights_nk(b_const, zb)
+        w = w_nk.T.astype(np.int64)
         flat = a if len(a_shape) == 2 else lo.emit(R.reshape(a, (math.prod(a_shape[:-1]), a_shape[-1])))
         scheduled = _int8_dense(lo, flat, w_nk, za) if lo.int8_dot else None
         if scheduled is not None:
@@ -567,6 +569,14 @@ def _matmul_acc(lo: _Lowerer, a, b, za, zb, acc: str, b_const: np.ndarray | None
     return lo.emit(R.matmul(a, b, out_dtype="int32"))
 
 
+def _weights_nk(b_const: np.ndarray, zb) -> np.ndarray:
+    """``(W − zb)ᵀ`` [N, K] of constant [K, N] weights, in the narrowest integer type that holds it."""
+    w = b_const.astype(np.int64)
+    if zb is not None and np.any(zb):
+        w = w - _column_view(zb, 2).astype(np.int64)
+    return np.ascontiguousarray(w.T).astype(_narrowest(w))
+
+
 def _int16_by_int8(lo: _Lowerer, a, b_const: np.ndarray, za, zb, acc: str):
     """``(a − za) @ W`` for int16 ``a`` and an int8 constant ``W`` as one int8 matmul of twice
     the rows: ``a = 256·hi + lo`` with ``hi = a >> 8`` and ``lo − 128`` both int8, so
@@ -579,6 +589,8 @@ def _int16_by_int8(lo: _Lowerer, a, b_const: np.ndarray, za, zb, acc: str):
         w = w - _column_view(zb, 2).astype(np.int64)
     if w.size == 0 or w.min() < -128 or w.max() > 127:
         return None
+    if lo.int8_dot == "vnni":  # the kernel splits the rows itself, next to its products
+        return _vnni_dense(lo, a, np.ascontiguousarray(w.T).astype(np.int8), za, acc)
     a_shape = lo.shape(a)
     rows, k, n = math.prod(a_shape[:-1]), a_shape[-1], w.shape[1]
     flat = lo.emit(R.reshape(a, (rows, k)))
@@ -819,10 +831,17 @@ def _int8_kernel(lo: _Lowerer, kind: str, shape: tuple[int, ...]):
     if gvar is None:
         name = f"qc_int8_{kind}_{'x'.join(map(str, shape))}_{lo.int8_dot}"
         if lo.int8_dot == "vnni":
-            func = _vnni_dense_kernel(*shape) if kind == "dense" else _vnni_bmm_kernel(*shape)
+            if kind == "bmm":
+                func = _vnni_bmm_kernel(*shape)
+            else:
+                func = _vnni_dense_kernel(shape[:-2], shape[-2], shape[-1], kind)
         else:
             func = _dense_kernel(*shape, lo.int8_dot) if kind == "dense" else _bmm_kernel(*shape, lo.int8_dot)
-        gvar = lo.bb.add_func(func.with_attr("global_symbol", name), name)
+        if kind == "bmm" or lo.int8_dot != "vnni":  # opaque, scheduled: a symbol of its own
+            func = func.with_attr("global_symbol", name)
+        else:
+            func = func.without_attr("global_symbol")
+        gvar = lo.bb.add_func(func, name)  # the dense ones: private, fused with their epilogues
         lo._kernel_vars[key] = gvar
         lo.int8_kernels[name] = []
     lo.int8_kernels[gvar.name_hint].append(lo.node_name)
@@ -906,44 +925,99 @@ def _unsigned8(lo: _Lowerer, x, zp):
     return lo.emit(R.astype(flipped, "uint8")), zp + 128
 
 
-def _vnni_dense(lo: _Lowerer, a, w_nk: np.ndarray, za):
-    """``(a − za) · w_nkᵀ`` with the VNNI kernel: ``a`` as uint8 (``a + 128`` for int8), the
-    weights pre-packed to [N/16, K/4, 16, 4] (N, K zero-padded) and the zero-point
-    correction ``za'·colsum(W)`` subtracted in the kernel's epilogue."""
+def _vnni_dense(lo: _Lowerer, a, w_nk: np.ndarray, za, acc: str = "int32"):
+    """``(a − za) · w_nkᵀ`` over the last axis of ``a`` [..., K] with the VNNI kernel, the
+    result shaped [..., N] (no reshape between the kernel and its consumers, so Relax fuses
+    the following element-wise chain, e.g. bias and requantize, into the kernel's epilogue).
+
+    8-bit ``a`` is read as uint8 (``a + 128`` for int8); int16 ``a`` is split inside the
+    kernel into two uint8 halves ``a = 256·(h + 128) + l − 32768`` (``h = a >> 8``,
+    ``l = a & 255``), two products of the same packed weights. The weights (minus their zero
+    points) are pre-packed to [N/16, K/4, 16, 4] (N, K zero-padded) and the zero-point
+    correction ``z'·colsum(W)`` (``z' = za + 128`` for int8, ``za + 32768`` for int16) is
+    subtracted in the epilogue. ``acc`` int64 (int16 only): the halves are combined in int64."""
     R = lo.R
-    a, z = _unsigned8(lo, a, za)
-    m, k = lo.shape(a)
+    wide = lo.dtype(a) == "int16"
+    if wide:
+        z = 0 if za is None else int(np.asarray(za).reshape(()))
+        z += 32768
+    else:
+        a, z = _unsigned8(lo, a, za)
+        acc = "int32"
+    shape = lo.shape(a)
+    lead, k = shape[:-1], shape[-1]
     n = w_nk.shape[0]
     n16, k4 = -(-n // 16) * 16, -(-k // 4) * 4
-    if k4 != k:
-        a = lo.emit(R.nn.pad(a, [0, 0, 0, k4 - k]))
+    if k4 != k:  # zero columns meet zero weights (and an int16 zero's halves meet zero weights too)
+        a = lo.emit(R.nn.pad(a, [0, 0] * len(lead) + [0, k4 - k]))
     padded = np.zeros((n16, k4), np.int8)
     padded[:n, :k] = w_nk
     packed = np.ascontiguousarray(padded.reshape(n16 // 16, 16, k4 // 4, 4).transpose(0, 2, 1, 3))
     corr = np.zeros(n16, np.int64)
     corr[:n] = z * w_nk.astype(np.int64).sum(axis=1)
-    kernel = _int8_kernel(lo, "dense", (m, n16, k4))
-    args = [a, lo._const(packed), lo.relax.const(corr.astype(np.int32), "int32")]
-    y = lo.emit(lo.relax.call_tir(kernel, args, lo.relax.TensorType((m, n16), "int32")))
+    kind = "dense" if not wide else ("dense_i16" if acc == "int32" else "dense_i16_acc64")
+    kernel = _int8_kernel(lo, kind, (*lead, n16, k4))
+    args = [a, lo._const(packed), lo.relax.const(corr.astype(acc), acc)]  # int32: wraps like the exact sum
+    y = lo.emit(lo.relax.call_tir(kernel, args, lo.relax.TensorType((*lead, n16), acc)))
     if n16 != n:
-        y = lo.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
+        y = lo.emit(R.strided_slice(y, axes=[len(lead)], begin=[0], end=[n]))
     return y
 
 
-def _vnni_dense_kernel(m: int, n: int, k: int):
-    """``D[m, n] = Σ_k A[m, k] · W[n/16, k/4, n%16, k%4] − corr[n]`` (u8 × s8 → int32)."""
-    from tvm import te
+#: Block annotation naming the int8 product a fused kernel's schedule tensorizes (its value:
+#: the kernel kind); set on the reduction block of the VNNI dense kernels, which are
+#: scheduled after Relax has fused their element-wise consumers into them.
+DOT_BLOCK = "qcompiler.dot"
 
-    a = te.placeholder((m, k), "uint8", name="A")
-    w = te.placeholder((n // 16, k // 4, 16, 4), "int8", name="W")
-    corr = te.placeholder((n,), "int32", name="corr")
-    r = te.reduce_axis((0, k), name="k")
-    c = te.compute(
-        (m, n), lambda i, j: te.sum(a[i, r].astype("int32") * w[j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r),
-        name="C",
-    )
-    d = te.compute((m, n), lambda i, j: c[i, j] - corr[j], name="D")
-    return _schedule_vnni(te.create_prim_func([a, w, corr, d]))
+
+def _vnni_dense_kernel(lead: tuple[int, ...], n: int, k: int, kind: str):
+    """``D[..., n] = Σ_k A[..., k] · W[n/16, k/4, n%16, k%4] − corr[n]`` (u8 × s8 → int32);
+    ``dense_i16*``: ``A`` int16, ``D = 256·C_hi + C_lo − corr`` over its two uint8 halves.
+    Unscheduled, and marked out-element-wise fusable: see :func:`schedule_dot_kernels`."""
+    from tvm import te, tirx
+
+    def i64(*dims):  # int64 extents, as Relax's legalized kernels use (FuseTIR matches buffers exactly)
+        return tuple(tirx.const(d, "int64") for d in dims)
+
+    wide = kind != "dense"
+    acc = "int64" if kind.endswith("acc64") else "int32"
+    a = te.placeholder(i64(*lead, k), "int16" if wide else "uint8", name="A")
+    w = te.placeholder(i64(n // 16, k // 4, 16, 4), "int8", name="W")
+    corr = te.placeholder(i64(n), acc, name="corr")
+    r = te.reduce_axis(i64(0, k), name="k")
+
+    def weight(j):
+        return w[j // 16, r // 4, j % 16, r % 4].astype("int32")
+
+    if not wide:
+        c = te.compute(
+            i64(*lead, n), lambda *ij: te.sum(a[(*ij[:-1], r)].astype("int32") * weight(ij[-1]), axis=r),
+            name="C", attrs={DOT_BLOCK: kind},
+        )
+        d = te.compute(i64(*lead, n), lambda *ij: c[ij] - corr[ij[-1]], name="D")
+    else:  # row 2i holds h + 128 of row i, row 2i + 1 its l (both uint8): a tile has both halves
+        *batch, rows = lead
+        halves = te.compute(
+            i64(*batch, 2 * rows, k),
+            lambda *qk: te.if_then_else(
+                qk[-2] % 2 == 0,
+                ((a[(*qk[:-2], qk[-2] // 2, qk[-1])] >> 8) + 128).astype("uint8"),
+                (a[(*qk[:-2], qk[-2] // 2, qk[-1])] & 255).astype("uint8"),
+            ),
+            name="A_halves",
+        )
+        c = te.compute(
+            i64(*batch, 2 * rows, n),
+            lambda *qj: te.sum(halves[(*qj[:-1], r)].astype("int32") * weight(qj[-1]), axis=r),
+            name="C", attrs={DOT_BLOCK: kind},
+        )
+        d = te.compute(
+            i64(*lead, n),
+            lambda *ij: (c[(*ij[:-2], 2 * ij[-2], ij[-1])].astype(acc) << 8)
+            + c[(*ij[:-2], 2 * ij[-2] + 1, ij[-1])].astype(acc) - corr[ij[-1]],
+            name="D",
+        )
+    return te.create_prim_func([a, w, corr, d]).with_attr("op_pattern", 4)  # kOutEWiseFusable
 
 
 def _vnni_bmm_kernel(batch: int, m: int, n: int, k: int):
@@ -960,49 +1034,135 @@ def _vnni_bmm_kernel(batch: int, m: int, n: int, k: int):
     c = te.compute(
         (batch, m, n),
         lambda q, i, j: te.sum(a[q, i, r].astype("int32") * packed[q, j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r),
-        name="C",
+        name="C", attrs={DOT_BLOCK: "bmm"},
     )
     d = te.compute((batch, m, n), lambda q, i, j: c[q, i, j], name="D")
-    return _schedule_vnni(te.create_prim_func([a, b, d]))
+    return _schedule_vnni(te.create_prim_func([a, b, d])).with_attr("op_pattern", 8)  # opaque: kept out of fusion
+
+
+def _dot_block(sch):
+    """The block annotated :data:`DOT_BLOCK` in a kernel (None if there is none)."""
+    root = sch.get_sblock("root")
+    stack = list(sch.get_child_blocks(root))
+    while stack:
+        block = stack.pop()
+        if DOT_BLOCK in sch.get(block).annotations:
+            return block
+        stack.extend(sch.get_child_blocks(block))
+    return None
+
+
+def has_dot_block(func) -> bool:
+    import tvm
+
+    return _dot_block(tvm.s_tir.Schedule(func)) is not None
+
+
+def schedule_dot_kernels(mod):
+    """Schedule every kernel of a fused Relax module that holds a VNNI dense product (the
+    product, and whatever element-wise consumers Relax fused into it as its epilogue)."""
+    import tvm
+
+    mod = mod.clone()
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and not (func.attrs and SCHEDULED in func.attrs):
+            if has_dot_block(func):
+                try:
+                    mod[gvar] = _schedule_vnni(func)
+                except Exception:  # noqa: BLE001 - an epilogue this schedule does not foresee:
+                    continue  # the generic CPU schedule runs it (slower, still exact)
+    return mod
+
+
+def _fold_epilogue(sch, keep) -> list:
+    """Inline every block but ``keep`` into its consumers, so that what Relax fused after the
+    product (bias, requantize, a residual add and its other operand's chain, ...) collapses
+    into the kernel's output blocks; returns the blocks left that read the product."""
+    root = sch.get_sblock("root")
+    progress = True
+    while progress:
+        progress = False
+        for block in sch.get_child_blocks(root):
+            if sch.get(block).name_hint in keep:
+                continue
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001 - an output block, or not element-wise
+                continue
+            progress = True
+            break
+    return [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint not in keep]
+
+
+def _vectorize_innermost(sch, block, lanes: int) -> None:
+    """Vectorise a block's innermost loop in chunks of ``lanes`` (a whole long row as one
+    LLVM vector is split back into bytes and spilled)."""
+    loop = sch.get_loops(block)[-1]
+    extent = int(sch.get(loop).extent)
+    if extent > lanes and extent % lanes == 0:
+        loop = sch.split(loop, [None, lanes])[1]
+    sch.vectorize(loop)
 
 
 def _schedule_vnni(func):
     """Tile ``rows × groups`` of 16 columns (int32 accumulators kept in a local tile), reduce
     over K in steps of 4 with the 16×4 ``vpdpbusd`` intrinsic, write the tile back through
-    the vectorised epilogue ``D``; the outermost loop runs in parallel."""
+    the vectorised epilogue ``D`` (with the element-wise consumers fused into the kernel
+    folded into it: no pass over int32 accumulators in memory); the outermost loop runs in
+    parallel. ``dense_i16*``: each tile holds both halves' accumulators, and the uint8 halves
+    of the tile's rows are made next to it."""
     import tvm
 
     intrinsic = _dot_intrinsics()["vnni"]
     sch = tvm.s_tir.Schedule(func)
-    block = sch.get_sblock("C")
+    block = _dot_block(sch)
+    kind = str(sch.get(block).annotations[DOT_BLOCK])
     loops = sch.get_loops(block)
-    outer, (i, j, r) = loops[:-3], loops[-3:]
-    rows = int(sch.get_sref(i).stmt.extent)
+    producers = [sch.get(p).name_hint for p in sch.get_producers(block)]
+    epilogues = _fold_epilogue(sch, {sch.get(block).name_hint, *producers})
+    outer, (i, j, r) = loops[:-3], loops[-3:]  # batch (bmm) or leading axes (dense)
+    n_rows = int(sch.get_sref(i).stmt.extent)
     groups = int(sch.get_sref(j).stmt.extent) // 16
-    mr = next(x for x in _VNNI_ROWS if rows % x == 0)
+    halves = kind.startswith("dense_i16")  # rows come in (high, low) pairs: a tile takes both
+    mr = next(x for x in _VNNI_ROWS if n_rows % x == 0 and (x % 2 == 0 or not halves))
     nr = next(x for x in _VNNI_GROUPS if groups % x == 0)
     jo, ji = sch.split(j, [None, 16])
     ro, ri = sch.split(r, [None, 4])
     io, ii = sch.split(i, [None, mr])
     joo, joi = sch.split(jo, [None, nr])
     sch.reorder(*outer, io, joo, ro, ii, joi, ji, ri)
-    epilogue = sch.get_sblock("D")
-    sch.reverse_compute_at(epilogue, joo)
+    tiled = []  # written tile by tile, from the accumulators
+    for epilogue in epilogues:
+        try:
+            sch.reverse_compute_at(epilogue, joo)
+        except Exception:  # noqa: BLE001 - not element-wise over the product: runs after it
+            continue
+        tiled.append(epilogue)
     sch.set_scope(block, 0, "local")
-    if outer:  # batch matmul: pack this batch's B once, next to its products
+    if kind == "bmm":  # pack this batch's B once, next to its products
         packed = sch.get_sblock("B_packed")
         sch.compute_at(packed, outer[-1])
         sch.vectorize(sch.get_loops(packed)[-1])
         sch.parallel(outer[0])
     else:
-        sch.parallel(io)
+        if halves:  # this row tile's halves, made by the thread that uses them
+            split = sch.get_producers(block)[0]
+            sch.compute_at(split, io)
+            _vectorize_innermost(sch, split, 64)
+        sch.parallel(sch.fuse(*outer, io) if outer else io)
     sch.unroll(ii)
     sch.unroll(joi)
     init = sch.decompose_reduction(block, ro)
     sch.tensorize(ji, intrinsic)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(epilogue)[-1])
-    return sch.mod["main"].with_attr("op_pattern", 8).with_attr(SCHEDULED, True)  # opaque: kept out of fusion
+    for epilogue in tiled:
+        _vectorize_innermost(sch, epilogue, 16)
+    for rest in epilogues:
+        if rest not in tiled:
+            rest_loops = sch.get_loops(rest)
+            if rest_loops:
+                sch.parallel(rest_loops[0])
+    return sch.mod["main"].with_attr(SCHEDULED, True)
 
 
 def _column_view(zp, ndim: int) -> np.ndarray:
@@ -1414,6 +1574,10 @@ def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disa
     config = {"tirx.disable_assert": True} if disable_assert else {}
     with tvm.transform.PassContext(opt_level=3, config=config):
         mod = relax.get_pipeline("zero")(mod)  # legalize and fuse elementwise chains into one kernel each
+        mod = relax.transform.DeadCodeElimination(["main"])(mod)  # kernels fused away
+        if target.get("kind") == "llvm":
+            with tgt, _fast_tvmscript():
+                mod = schedule_dot_kernels(mod)  # the int8 products, with their fused epilogues
         if tune is not None and target.get("kind") == "llvm" and not gpu_schedules:
             mod = tune(mod, tgt)
         if gpu_schedules:
