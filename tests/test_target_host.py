@@ -248,7 +248,7 @@ def test_fused_kernels_are_scheduled_for_the_cpu():
 
     mod = tvm_bridge.lower(tm.attention_block("ibert"))
     with tvm.transform.PassContext(opt_level=3):
-        fused = relax.get_pipeline("zero")(mod)
+        fused = tvm_bridge.fuse(mod)
     kernels = [g.name_hint for g, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     with tvm.target.Target(_host_tvm_target()):
         scheduled = tvm_bridge._schedule_cpu(fused)
@@ -294,7 +294,7 @@ def _fused_and_scheduled(model):
 
     mod = tvm_bridge.lower(model, int8_dot="vnni")
     with tvm.transform.PassContext(opt_level=3), tvm.target.Target(_host_tvm_target()):
-        return tvm_bridge.schedule_dot_kernels(relax.get_pipeline("zero")(mod))
+        return tvm_bridge.schedule_dot_kernels(tvm_bridge.fuse(mod))
 
 
 def _dot_kernels(mod) -> dict:

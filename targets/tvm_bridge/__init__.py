@@ -488,11 +488,21 @@ def _int_mul(lo: _Lowerer, node: ir.Node):
 
 
 def _int_lookup(lo: _Lowerer, node: ir.Node):
+    """``y = table[x − min(x's type)]`` (index clamped into the table) as an element-wise kernel
+    (Relax's ``take`` is opaque to fusion: its int64 indices would go through memory)."""
+    from tvm import te, tirx
+
     x = lo.expr(node.inputs[0])
     table = lo.need_const(node, 1, "table")
     low, _ = intops.int_range(np.dtype(lo.dtype(x)))
-    index = lo.emit(lo.R.subtract(lo.i64(x), lo.c64(low)))
-    return lo.emit(lo.R.take(lo._const(table), index, axis=0, mode="clip"))
+    shape = tuple(tirx.const(d, "int64") for d in lo.shape(x))  # as Relax's kernels (FuseTIR matches buffers)
+    v = te.placeholder(shape, lo.dtype(x), name="x")
+    t = te.placeholder((tirx.const(len(table), "int64"),), str(table.dtype), name="table")
+    y = te.compute(shape, lambda *i: t[tirx.max(tirx.min(v[i].astype("int32") - low, len(table) - 1), 0)], name="lookup")
+    func = te.create_prim_func([v, t, y]).without_attr("global_symbol").with_attr(ELEMENT_WISE, True)
+    kernel = lo.bb.add_func(func, "lookup")
+    out = lo.relax.TensorType(lo.shape(x), str(table.dtype))
+    return lo.emit(lo.relax.call_tir(kernel, [x, lo._const(table)], out))
 
 
 def _int_matmul(lo: _Lowerer, node: ir.Node):
@@ -1573,8 +1583,7 @@ def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disa
     tgt = make_target(target)
     config = {"tirx.disable_assert": True} if disable_assert else {}
     with tvm.transform.PassContext(opt_level=3, config=config):
-        mod = relax.get_pipeline("zero")(mod)  # legalize and fuse elementwise chains into one kernel each
-        mod = relax.transform.DeadCodeElimination(["main"])(mod)  # kernels fused away
+        mod = fuse(mod)
         if target.get("kind") == "llvm":
             with tgt, _fast_tvmscript():
                 mod = schedule_dot_kernels(mod)  # the int8 products, with their fused epilogues
@@ -1604,6 +1613,36 @@ def compile(mod, target: Mapping[str, Any], *, gpu_schedules: bool = False, disa
             except Exception:  # noqa: BLE001 - retried with a simpler schedule below
                 continue
         return tvm.compile(mod, target=tgt)
+
+
+#: PrimFunc attribute of kernels that are element-wise although TVM's pattern analysis cannot
+#: tell (a table lookup reads at a data-dependent index): fused like any element-wise op.
+ELEMENT_WISE = "qcompiler.element_wise"
+
+
+def fuse(mod):
+    """Relax's kernel fusion (the ``zero`` pipeline: legalize, annotate op patterns, fold
+    constants, fuse), with :data:`ELEMENT_WISE` kernels marked element-wise, then the
+    kernels fused away dropped."""
+    _, relax = _tvm()
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="MarkElementWise")
+    def mark_element_wise(mod, _ctx):
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, tvm.tirx.PrimFunc) and func.attrs and ELEMENT_WISE in func.attrs:
+                mod[gvar] = func.with_attr("op_pattern", 0)  # kElemWise
+        return mod
+
+    return tvm.transform.Sequential([
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),  # an op_pattern of 0 reads as unset: re-marked below
+        mark_element_wise,
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(["main"]),
+    ])(mod)
 
 
 #: PrimFunc attribute of the kernels this module schedules itself (left alone by _schedule_cpu).
