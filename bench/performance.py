@@ -6,6 +6,7 @@ Models: all-MiniLM-L6-v2 (batch 1, seq 128) and the digits CNN
 
     qcompiler host int8 (w8a8)   qcompile --target host --preset w8a8 (integer-only graph)
     qcompiler host float         qcompile --target host --preset float
+    qcompiler … (w8a8, tuned)    with --tune TRIALS: compiled against a warm tuning database
     ORT FP32                     onnxruntime on the FP32 model
     ORT int8 dynamic             onnxruntime.quantization.quantize_dynamic
     ORT int8 static QDQ          quantize_static, per-channel weights, MinMax
@@ -36,7 +37,8 @@ Also:
   the VM's ``main`` with tensors made once.
 * compile time and peak RSS of ``qcompile`` on MiniLM (w8a8, host, no tuning).
 
-    python bench/performance.py [--runs 30] [--models minilm,cnn] [--work DIR] [--json out.json]
+    python bench/performance.py [--runs 30] [--models minilm,cnn] [--mode blocks] [--tune 200]
+                                [--work DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODE = "interleaved"
 #: Seconds between two contenders in blocks mode: spinning workers go to sleep before that.
 BLOCK_PAUSE_S = 2.0
+#: ``--tune TRIALS``: also measure a w8a8 build compiled against a warm tuning database.
+TUNE_TRIALS = 0
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def set_mode(mode: str) -> None:
@@ -124,13 +139,13 @@ def add_ratios(stats: dict[str, dict]) -> None:
 
 
 def table(title: str, stats: dict[str, dict], skipped: dict[str, str]) -> str:
-    lines = [f"\n{title}", f"{'contender':<28} {'median ms':>10} {'min-max ms':>17} {'×ORT FP32':>10} {'×ORT int8':>10}"]
+    lines = [f"\n{title}", f"{'contender':<34} {'median ms':>10} {'min-max ms':>17} {'×ORT FP32':>10} {'×ORT int8':>10}"]
     for name, s in stats.items():
         ratio = lambda r: f"{r:.2f}" if r is not None else "-"  # noqa: E731
         span = f"{s['min_ms']:.2f}-{s['max_ms']:.2f}"
-        lines.append(f"{name:<28} {s['median_ms']:>10.2f} {span:>17} {ratio(s['vs_ort_fp32']):>10} {ratio(s['vs_ort_best_int8']):>10}")
+        lines.append(f"{name:<34} {s['median_ms']:>10.2f} {span:>17} {ratio(s['vs_ort_fp32']):>10} {ratio(s['vs_ort_best_int8']):>10}")
     for name, why in skipped.items():
-        lines.append(f"{name:<28} skipped: {why}")
+        lines.append(f"{name:<34} skipped: {why}")
     return "\n".join(lines)
 
 
@@ -237,6 +252,18 @@ def bench_model(name: str, onnx_path: Path, calib: Path, feeds: dict, torch_modu
         "qcompiler host float": qcompiler_call(work / f"{name}_host_float", feeds),
         "ORT FP32": ort_call(onnx_path, feeds),
     }
+    if TUNE_TRIALS:  # tune into a fresh database, then the build measured: a warm compile (no trials)
+        database = work / f"{name}_tuning"
+        shutil.rmtree(database, ignore_errors=True)
+        for stage in ("cold", "warm"):
+            out = work / f"{name}_host_w8a8_tuned_{stage}"
+            compiles[f"w8a8 tuned ({stage} database)"] = qcompile(
+                onnx_path, "--target", "host", "--preset", "w8a8", "--calib", calib, "-o", out,
+                "--tune", TUNE_TRIALS, "--tuning-db", database,
+            )
+            print(f"   qcompile host w8a8 --tune {TUNE_TRIALS} ({stage} database): "
+                  f"{compiles[f'w8a8 tuned ({stage} database)']['seconds']:.1f} s", flush=True)
+        contenders["qcompiler host int8 (w8a8, tuned)"] = qcompiler_call(out, feeds)
     skipped = {}
     qwork = work / f"{name}_ort"
     qwork.mkdir(exist_ok=True)
@@ -385,8 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("interleaved", "blocks"), default="interleaved",
                         help="interleaved runs without spinning thread pools, or each contender's runs back to back "
                              "with default (spinning) thread pools")
+    parser.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                        help="also measure a w8a8 build tuned with this many MetaSchedule trials "
+                             "(tuned into a fresh database, then compiled again with it warm)")
     args = parser.parse_args(argv)
+    global TUNE_TRIALS
+    TUNE_TRIALS = args.tune
     set_mode(args.mode)
+    print(f"== {cpu_name()}, {os.cpu_count()} logical CPUs, {THREADS} threads per contender", flush=True)
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(chosen) - {"minilm", "cnn", "gemm"})
     if unknown:
@@ -394,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     temp = None if args.work else tempfile.TemporaryDirectory()
     work = Path(args.work or temp.name)
     work.mkdir(parents=True, exist_ok=True)
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": THREADS}, "mode": args.mode}
+    results = {"machine": {"cpu": cpu_name(), "threads": THREADS}, "mode": args.mode, "tune_trials": args.tune}
     try:
         for name in chosen:
             results[name] = {"minilm": minilm, "cnn": cnn, "gemm": gemm}[name](work, args.runs)

@@ -360,3 +360,18 @@ def test_vnni_epilogue_folds_a_residual_operand_chain(tmp_path):
     feeds = {name: rng.integers(-128, 128, (1, 8, 32), dtype=np.int8) for name in ("x", "skip")}
     build("host", model, tmp_path / "out")
     np.testing.assert_array_equal(qcompiler.load(tmp_path / "out").run(feeds)[y], tm.reference(model, feeds)[y])
+
+
+def test_lookup_tables_fuse_into_the_chain_that_makes_their_index():
+    """IntLookup is element-wise in its input: Relax fuses it after the ops that compute the
+    index (here the VNNI kernel's epilogue) instead of running an opaque gather of its own."""
+    import tvm
+
+    from qcompiler.targets import tvm_bridge
+
+    for int8_dot in (None, "vnni"):
+        mod = tvm_bridge.lower(tm.attention_block("ibert"), int8_dot=int8_dot)
+        with tvm.transform.PassContext(opt_level=3):
+            names = [g.name_hint for g in tvm_bridge.fuse(mod).functions]
+        lookups = [n for n in names if "lookup" in n]
+        assert len(lookups) == 1 and lookups[0].startswith("fused_") and lookups[0].endswith("_lookup"), lookups
