@@ -806,14 +806,16 @@ def _int8_batch_matmul(lo: _Lowerer, a, b, za, zb):
     ):
         lo.int8_fallback.append(lo.node_name)
         return None
-    vnni = lo.int8_dot == "vnni"
-    (a, za), (b, zb) = (_unsigned8 if vnni else _signed8)(lo, a, za), _signed8(lo, b, zb)
+    if lo.int8_dot == "vnni":
+        (a, za), (b, zb) = _unsigned8(lo, a, za), _signed8(lo, b, zb)
+        return _vnni_batch_matmul(lo, a, b, za, zb)
+    (a, za), (b, zb) = _signed8(lo, a, za), _signed8(lo, b, zb)
     batch = math.prod(a_shape[:-2])
     m, k = a_shape[-2:]
     n = b_shape[-1]
     a3 = lo.emit(R.reshape(a, (batch, m, k)))
     b3 = lo.emit(R.reshape(b, (batch, k, n)))
-    k4, n4 = -(-k // 4) * 4, -(-n // (16 if vnni else 4)) * (16 if vnni else 4)
+    k4, n4 = -(-k // 4) * 4, -(-n // 4) * 4
     a_in = lo.emit(R.nn.pad(a3, [0, 0, 0, 0, 0, k4 - k])) if k4 != k else a3  # zero products
     b_in = lo.emit(R.nn.pad(b3, [0, 0, 0, k4 - k, 0, n4 - n])) if (k4, n4) != (k, n) else b3
     kernel = _int8_kernel(lo, "bmm", (batch, m, n4, k4))
@@ -841,13 +843,13 @@ def _int8_kernel(lo: _Lowerer, kind: str, shape: tuple[int, ...]):
     if gvar is None:
         name = f"qc_int8_{kind}_{'x'.join(map(str, shape))}_{lo.int8_dot}"
         if lo.int8_dot == "vnni":
-            if kind == "bmm":
-                func = _vnni_bmm_kernel(*shape)
+            if kind.startswith("bmm"):
+                func = _vnni_bmm_kernel(shape[:-3], *shape[-3:], zero_points=kind[len("bmm"):])
             else:
                 func = _vnni_dense_kernel(shape[:-2], shape[-2], shape[-1], kind)
         else:
             func = _dense_kernel(*shape, lo.int8_dot) if kind == "dense" else _bmm_kernel(*shape, lo.int8_dot)
-        if kind == "bmm" or lo.int8_dot != "vnni":  # opaque, scheduled: a symbol of its own
+        if lo.int8_dot != "vnni":  # opaque, scheduled: a symbol of its own
             func = func.with_attr("global_symbol", name)
         else:
             func = func.without_attr("global_symbol")
@@ -1030,24 +1032,79 @@ def _vnni_dense_kernel(lead: tuple[int, ...], n: int, k: int, kind: str):
     return te.create_prim_func([a, w, corr, d]).with_attr("op_pattern", 4)  # kOutEWiseFusable
 
 
-def _vnni_bmm_kernel(batch: int, m: int, n: int, k: int):
-    """``C[b, m, n] = Σ_k A[b, m, k] · B[b, k, n]`` (u8 × s8 → int32): each batch's B is
-    packed to [n/16, k/4, 16, 4] inside the kernel, then the product is VNNI tensorized."""
-    from tvm import te
+def _vnni_batch_matmul(lo: _Lowerer, a, b, za: int, zb: int):
+    """``(a − za) @ (b − zb)`` for uint8 ``a`` [..., M, K] and int8 ``b`` [..., K, N] (both
+    activations) with the VNNI batch kernel, shaped [..., M, N] so that Relax fuses what
+    follows into it; the zero-point corrections ``− zb·Σ_k a − za·Σ_k b + K·za·zb`` are
+    applied in its epilogue (the sums are small reductions of their own). ``K``/``N`` are
+    zero-padded to multiples of 4/16: zero products, and the sums see only zeros there."""
+    R = lo.R
+    a_shape, b_shape = lo.shape(a), lo.shape(b)
+    *batch, m, k = a_shape
+    n = b_shape[-1]
+    k4, n16 = -(-k // 4) * 4, -(-n // 16) * 16
+    unpadded = [0, 0] * (len(a_shape) - 1)
+    a_in = lo.emit(R.nn.pad(a, [*unpadded, 0, k4 - k])) if k4 != k else a
+    b_in = lo.emit(R.nn.pad(b, [*unpadded[:-2], 0, k4 - k, 0, n16 - n])) if (k4, n16) != (k, n) else b
+    kind = "bmm" + ("_za" if za else "") + ("_zb" if zb else "")
+    args = [a_in, b_in]
+    if zb:
+        args.append(lo.emit(R.sum(lo.emit(R.astype(a, "int32")), axis=[-1])))  # [..., M]
+    if za:
+        args.append(lo.emit(R.sum(lo.emit(R.astype(b_in, "int32")), axis=[-2])))  # [..., N16]
+    if za or zb:
+        args.append(lo.relax.const(np.array([za, zb, k * za * zb], np.int64).astype(np.int32), "int32"))
+    kernel = _int8_kernel(lo, kind, (*batch, m, n16, k4))
+    y = lo.emit(lo.relax.call_tir(kernel, args, lo.relax.TensorType((*batch, m, n16), "int32")))
+    if n16 != n:
+        y = lo.emit(R.strided_slice(y, axes=[len(batch) + 1], begin=[0], end=[n]))
+    return y
 
-    a = te.placeholder((batch, m, k), "uint8", name="A")
-    b = te.placeholder((batch, k, n), "int8", name="B")
+
+def _vnni_bmm_kernel(batch: tuple[int, ...], m: int, n: int, k: int, zero_points: str = ""):
+    """``D[..., i, j] = Σ_k A[..., i, k] · B[..., k, j] − zb·rows[..., i] − za·cols[..., j]
+    + K·za·zb`` (u8 × s8 → int32; ``z = [za, zb, K·za·zb]``; the terms that ``zero_points``
+    names, ``_za`` and/or ``_zb``, with the sums ``rows = Σ_k A``, ``cols = Σ_k B`` as
+    inputs): each batch's B is packed to [n/16, k/4, 16, 4] next to its products.
+    Unscheduled and out-element-wise fusable, like :func:`_vnni_dense_kernel`."""
+    from tvm import te, tirx
+
+    def i64(*dims):
+        return tuple(tirx.const(d, "int64") for d in dims)
+
+    a = te.placeholder(i64(*batch, m, k), "uint8", name="A")
+    b = te.placeholder(i64(*batch, k, n), "int8", name="B")
     packed = te.compute(
-        (batch, n // 16, k // 4, 16, 4), lambda q, jo, ro, ji, ri: b[q, ro * 4 + ri, jo * 16 + ji], name="B_packed"
+        i64(*batch, n // 16, k // 4, 16, 4),
+        lambda *q: b[(*q[:-4], q[-3] * 4 + q[-1], q[-4] * 16 + q[-2])], name="B_packed",
     )
-    r = te.reduce_axis((0, k), name="k")
+    r = te.reduce_axis(i64(0, k), name="k")
     c = te.compute(
-        (batch, m, n),
-        lambda q, i, j: te.sum(a[q, i, r].astype("int32") * packed[q, j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r),
+        i64(*batch, m, n),
+        lambda *qij: te.sum(
+            a[(*qij[:-1], r)].astype("int32")
+            * packed[(*qij[:-2], qij[-1] // 16, r // 4, qij[-1] % 16, r % 4)].astype("int32"),
+            axis=r,
+        ),
         name="C", attrs={DOT_BLOCK: "bmm"},
     )
-    d = te.compute((batch, m, n), lambda q, i, j: c[q, i, j], name="D")
-    return _schedule_vnni(te.create_prim_func([a, b, d])).with_attr("op_pattern", 8)  # opaque: kept out of fusion
+    params = [a, b]
+    rows = te.placeholder(i64(*batch, m), "int32", name="rows") if "_zb" in zero_points else None
+    cols = te.placeholder(i64(*batch, n), "int32", name="cols") if "_za" in zero_points else None
+    params += [t for t in (rows, cols) if t is not None]
+    z = te.placeholder(i64(3), "int32", name="z") if zero_points else None
+    params += [z] if z is not None else []
+
+    def corrected(*qij):
+        v = c[qij]
+        if rows is not None:
+            v = v - z[1] * rows[qij[:-1]]
+        if cols is not None:
+            v = v - z[0] * cols[(*qij[:-2], qij[-1])]
+        return v + z[2] if rows is not None and cols is not None else v
+
+    d = te.compute(i64(*batch, m, n), corrected, name="D")
+    return te.create_prim_func([*params, d]).with_attr("op_pattern", 4)  # kOutEWiseFusable
 
 
 def _dot_block(sch):
@@ -1114,6 +1171,8 @@ def _vectorize_innermost(sch, block, lanes: int) -> None:
     sch.vectorize(loop)
 
 
+
+
 def _schedule_vnni(func):
     """Tile ``rows × groups`` of 16 columns (int32 accumulators kept in a local tile), reduce
     over K in steps of 4 with the 16×4 ``vpdpbusd`` intrinsic, write the tile back through
@@ -1150,10 +1209,11 @@ def _schedule_vnni(func):
         tiled.append(epilogue)
     sch.set_scope(block, 0, "local")
     if kind == "bmm":  # pack this batch's B once, next to its products
+        batch = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         packed = sch.get_sblock("B_packed")
-        sch.compute_at(packed, outer[-1])
+        sch.compute_at(packed, batch)
         sch.vectorize(sch.get_loops(packed)[-1])
-        sch.parallel(outer[0])
+        sch.parallel(batch)
     else:
         if halves:  # this row tile's halves, made by the thread that uses them
             split = sch.get_producers(block)[0]
