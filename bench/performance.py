@@ -21,10 +21,11 @@ the ratio of medians to ORT FP32 and to ORT's fastest int8 mode, from the same r
   (``OMP_WAIT_POLICY=PASSIVE``, ``TVM_THREAD_POOL_SPIN_COUNT=0``, ORT
   ``session.intra_op.allow_spinning=0``), or it would steal the next contender's cores;
   every parallel region then pays for waking its worker threads.
-* ``blocks``: each contender runs all its calls back to back, with the runtimes'
-  default thread settings (worker threads spin between parallel regions, as in a
-  service that runs one model), and a pause between contenders so that the previous
-  one's spinning threads have gone to sleep.
+* ``blocks``: each contender runs its calls back to back, with the runtimes' default
+  thread settings (worker threads spin between parallel regions, as in a service that
+  runs one model), and a pause between blocks so that the previous one's spinning
+  threads have gone to sleep. The contenders take turns in 4 rounds of blocks (a quarter
+  of the runs each), so that a slow spell of a shared machine does not hit only one.
 
 Also:
 
@@ -61,8 +62,10 @@ os.environ["OMP_NUM_THREADS"] = str(THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 #: "interleaved" or "blocks" (set by main before any runtime starts its threads).
 MODE = "interleaved"
-#: Seconds between two contenders in blocks mode: spinning workers go to sleep before that.
+#: Seconds between two blocks in blocks mode: spinning workers go to sleep before that.
 BLOCK_PAUSE_S = 2.0
+#: Blocks mode cycles through the contenders this many times, each block a share of the runs.
+BLOCK_ROUNDS = 4
 #: ``--tune TRIALS``: also measure a w8a8 build compiled against a warm tuning database.
 TUNE_TRIALS = 0
 
@@ -109,13 +112,15 @@ def measure(contenders: dict[str, Callable[[], object]], runs: int, warmup: int 
         fn()
         times[name].append((time.perf_counter() - start) * 1e3)
 
-    if MODE == "blocks":
-        for name, fn in contenders.items():
-            time.sleep(BLOCK_PAUSE_S)
-            for _ in range(warmup):
-                fn()
-            for _ in range(runs):
-                timed(name, fn)
+    if MODE == "blocks":  # rounds of blocks, so that a slow spell of the machine hits everyone
+        for round_ in range(BLOCK_ROUNDS):
+            share = runs // BLOCK_ROUNDS + (round_ < runs % BLOCK_ROUNDS)
+            for name, fn in contenders.items():
+                time.sleep(BLOCK_PAUSE_S)
+                for _ in range(warmup):
+                    fn()
+                for _ in range(share):
+                    timed(name, fn)
     else:
         for fn in contenders.values():
             for _ in range(warmup):

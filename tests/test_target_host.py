@@ -375,3 +375,18 @@ def test_lookup_tables_fuse_into_the_chain_that_makes_their_index():
             names = [g.name_hint for g in tvm_bridge.fuse(mod).functions]
         lookups = [n for n in names if "lookup" in n]
         assert len(lookups) == 1 and lookups[0].startswith("fused_") and lookups[0].endswith("_lookup"), lookups
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="this CPU (LLVM's host target) has no AVX-512 VNNI")
+def test_vnni_batch_matmul_applies_zero_points_and_requantizes_in_its_epilogue():
+    """Attention's activation × activation products (Q·Kᵀ, P·V): the zero-point corrections
+    and the requantize after them run in the VNNI kernel's epilogue, not as kernels of their own."""
+    import tvm
+
+    mod = _fused_and_scheduled(tm.attention_block("ibert"))
+    names = [g.name_hint for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    bmm = [n for n in names if "qc_int8_bmm" in n]
+    assert len(bmm) == 2 and all(n.startswith("fused_qc_int8_bmm_") and "right_shift" in n for n in bmm), names
+    assert "_za" in "".join(bmm)  # a zero point corrected (int8 activations are read as u8: za + 128)
+    for name in bmm:
+        assert "vpdpbusd" in mod[name].script()
