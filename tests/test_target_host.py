@@ -390,3 +390,31 @@ def test_vnni_batch_matmul_applies_zero_points_and_requantizes_in_its_epilogue()
     assert "_za" in "".join(bmm)  # a zero point corrected (int8 activations are read as u8: za + 128)
     for name in bmm:
         assert "vpdpbusd" in mod[name].script()
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.INT8, TensorProto.INT32])
+def test_layernorm_variance_from_two_sums_where_int64_holds_them(dtype, tmp_path):
+    """IntLayerNorm: Σ(x − mean)² = Σx² − 2·mean·Σx + n·mean² for 8-bit inputs (two row sums
+    of x, then the normalise kernel: x − mean never goes through memory); int32 inputs, whose
+    squares could overflow int64, keep the sum of squared deviations. Bit-exact either way."""
+    import tvm
+
+    from qcompiler.targets import tvm_bridge
+
+    d = 24
+    g = tm.GraphBuilder(31)
+    x = g.input("x", [3, 5, d], dtype)
+    z = np.zeros((), tm.helper.tensor_dtype_to_np_dtype(dtype))
+    y = g.op("IntLayerNorm", [x, g.const(z), g.const(np.int8(0)), *tm._ln_consts(g, d, 0.05, 0.03)], tm.QC,
+             name="ln", shift=tm._ln_shift(g, d, 0.05, 0.03))
+    model = g.model([(y, TensorProto.INT8, [3, 5, d])])
+    with tvm.transform.PassContext(opt_level=3):
+        fused = tvm_bridge.fuse(tvm_bridge.lower(model))
+    kernels = {g.name_hint: f for g, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    centred_in_memory = [n for n, f in kernels.items() if "subtract" in n and _output_buffer(f) == ([3, 5, d], "int64")]
+    assert bool(centred_in_memory) == (dtype == TensorProto.INT32)
+    build("host", model, tmp_path / "out")
+    info = np.iinfo(tm.helper.tensor_dtype_to_np_dtype(dtype))
+    low, high = (info.min, info.max) if dtype == TensorProto.INT8 else (-(2**20), 2**20)
+    feeds = {"x": np.random.default_rng(0).integers(low, high, (3, 5, d), endpoint=True).astype(info.dtype)}
+    np.testing.assert_array_equal(qcompiler.load(tmp_path / "out").run(feeds)[y], tm.reference(model, feeds)[y])

@@ -1342,13 +1342,21 @@ def _int_layernorm(lo: _Lowerer, node: ir.Node):
     mult = lo.need_const(node, 3, "multiplier").astype(np.int64)
     bias = lo.need_const(node, 4, "bias").astype(np.int64)
     n = shape[-1]
+    in_min, in_max = intops.int_range(np.dtype(relax_dtype(node.inputs[0].dtype)))
     total = lo.emit(R.sum(x, axis=[-1], keepdims=True))
     mean = lo.emit(R.floor_divide(lo.emit(R.add(lo.emit(R.multiply(total, lo.c64(2))), lo.c64(n))), lo.c64(2 * n)))
     centred = lo.emit(R.subtract(x, mean))
-    var = lo.emit(R.floor_divide(lo.emit(R.sum(lo.emit(R.multiply(centred, centred)), axis=[-1], keepdims=True)), lo.c64(n)))
+    if 4 * n * max(int(in_min) ** 2, int(in_max) ** 2) < 2**62:
+        # Σ(x − mean)² = Σx² − 2·mean·Σx + n·mean², exact in int64 at these bounds: both sums
+        # read x itself, so x − mean is never written out (the normalise kernel recomputes it)
+        squares = lo.emit(R.sum(lo.emit(R.multiply(x, x)), axis=[-1], keepdims=True))
+        cross = lo.emit(R.multiply(lo.emit(R.multiply(mean, lo.c64(2))), total))
+        spread = lo.emit(R.add(lo.emit(R.subtract(squares, cross)), lo.emit(R.multiply(lo.emit(R.multiply(mean, mean)), lo.c64(n)))))
+    else:
+        spread = lo.emit(R.sum(lo.emit(R.multiply(centred, centred)), axis=[-1], keepdims=True))
+    var = lo.emit(R.floor_divide(spread, lo.c64(n)))
     var = lo.emit(R.add(var, lo.c64(_attr(node, "eps_q", 0))))
     sigma = lo.emit(R.maximum(lo.isqrt(var), lo.c64(1)))
-    in_min, in_max = intops.int_range(np.dtype(relax_dtype(node.inputs[0].dtype)))
     span = int(in_max) - int(in_min)  # bound of |x − mean|
     sigma_max = math.isqrt(span * span + max(int(_attr(node, "eps_q", 0)), 0)) + 1
     normed = lo.floor_div(lo.emit(R.left_shift(centred, lo.c64(intops.LAYERNORM_FRAC_BITS))), sigma,
