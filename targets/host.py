@@ -7,6 +7,8 @@ in manifest order and returns a tuple of the outputs in manifest order.
 When the LLVM target's CPU has AVX-512 VNNI, every int8 matmul is a scheduled kernel
 ``qc_int8_*_vnni`` tensorized with ``vpdpbusd`` (u8 × s8, weights pre-packed at compile
 time); the manifest's ``int8_dot_kernel`` says which (None: TVM's generic dense kernels).
+Relax fuses the element-wise ops that follow such a kernel into it (its symbol is then
+``fused_qc_int8_…``), and they run as its epilogue, tile by tile.
 """
 
 from __future__ import annotations
