@@ -487,6 +487,14 @@ def _int_mul(lo: _Lowerer, node: ir.Node):
     return lo.clamp_cast(v, _out_dtype_of_zp(y_zp), _attr(node, "qmin", None), _attr(node, "qmax", None))
 
 
+def _extents(*dims) -> tuple:
+    """int64 extents for TE kernels, as Relax's legalized kernels use: FuseTIR matches the
+    buffers of fused kernels exactly, extent types included."""
+    from tvm import tirx
+
+    return tuple(tirx.const(d, "int64") for d in dims)
+
+
 def _int_lookup(lo: _Lowerer, node: ir.Node):
     """``y = table[x − min(x's type)]`` (index clamped into the table) as an element-wise kernel
     (Relax's ``take`` is opaque to fusion: its int64 indices would go through memory)."""
@@ -495,9 +503,9 @@ def _int_lookup(lo: _Lowerer, node: ir.Node):
     x = lo.expr(node.inputs[0])
     table = lo.need_const(node, 1, "table")
     low, _ = intops.int_range(np.dtype(lo.dtype(x)))
-    shape = tuple(tirx.const(d, "int64") for d in lo.shape(x))  # as Relax's kernels (FuseTIR matches buffers)
+    shape = _extents(*lo.shape(x))
     v = te.placeholder(shape, lo.dtype(x), name="x")
-    t = te.placeholder((tirx.const(len(table), "int64"),), str(table.dtype), name="table")
+    t = te.placeholder(_extents(len(table)), str(table.dtype), name="table")
     y = te.compute(shape, lambda *i: t[tirx.max(tirx.min(v[i].astype("int32") - low, len(table) - 1), 0)], name="lookup")
     func = te.create_prim_func([v, t, y]).without_attr("global_symbol").with_attr(ELEMENT_WISE, True)
     kernel = lo.bb.add_func(func, "lookup")
@@ -986,31 +994,28 @@ def _vnni_dense_kernel(lead: tuple[int, ...], n: int, k: int, kind: str):
     """``D[..., n] = Σ_k A[..., k] · W[n/16, k/4, n%16, k%4] − corr[n]`` (u8 × s8 → int32);
     ``dense_i16*``: ``A`` int16, ``D = 256·C_hi + C_lo − corr`` over its two uint8 halves.
     Unscheduled, and marked out-element-wise fusable: see :func:`schedule_dot_kernels`."""
-    from tvm import te, tirx
-
-    def i64(*dims):  # int64 extents, as Relax's legalized kernels use (FuseTIR matches buffers exactly)
-        return tuple(tirx.const(d, "int64") for d in dims)
+    from tvm import te
 
     wide = kind != "dense"
     acc = "int64" if kind.endswith("acc64") else "int32"
-    a = te.placeholder(i64(*lead, k), "int16" if wide else "uint8", name="A")
-    w = te.placeholder(i64(n // 16, k // 4, 16, 4), "int8", name="W")
-    corr = te.placeholder(i64(n), acc, name="corr")
-    r = te.reduce_axis(i64(0, k), name="k")
+    a = te.placeholder(_extents(*lead, k), "int16" if wide else "uint8", name="A")
+    w = te.placeholder(_extents(n // 16, k // 4, 16, 4), "int8", name="W")
+    corr = te.placeholder(_extents(n), acc, name="corr")
+    r = te.reduce_axis(_extents(0, k), name="k")
 
     def weight(j):
         return w[j // 16, r // 4, j % 16, r % 4].astype("int32")
 
     if not wide:
         c = te.compute(
-            i64(*lead, n), lambda *ij: te.sum(a[(*ij[:-1], r)].astype("int32") * weight(ij[-1]), axis=r),
+            _extents(*lead, n), lambda *ij: te.sum(a[(*ij[:-1], r)].astype("int32") * weight(ij[-1]), axis=r),
             name="C", attrs={DOT_BLOCK: kind},
         )
-        d = te.compute(i64(*lead, n), lambda *ij: c[ij] - corr[ij[-1]], name="D")
+        d = te.compute(_extents(*lead, n), lambda *ij: c[ij] - corr[ij[-1]], name="D")
     else:  # row 2i holds h + 128 of row i, row 2i + 1 its l (both uint8): a tile has both halves
         *batch, rows = lead
         halves = te.compute(
-            i64(*batch, 2 * rows, k),
+            _extents(*batch, 2 * rows, k),
             lambda *qk: te.if_then_else(
                 qk[-2] % 2 == 0,
                 ((a[(*qk[:-2], qk[-2] // 2, qk[-1])] >> 8) + 128).astype("uint8"),
@@ -1019,12 +1024,12 @@ def _vnni_dense_kernel(lead: tuple[int, ...], n: int, k: int, kind: str):
             name="A_halves",
         )
         c = te.compute(
-            i64(*batch, 2 * rows, n),
+            _extents(*batch, 2 * rows, n),
             lambda *qj: te.sum(halves[(*qj[:-1], r)].astype("int32") * weight(qj[-1]), axis=r),
             name="C", attrs={DOT_BLOCK: kind},
         )
         d = te.compute(
-            i64(*lead, n),
+            _extents(*lead, n),
             lambda *ij: (c[(*ij[:-2], 2 * ij[-2], ij[-1])].astype(acc) << 8)
             + c[(*ij[:-2], 2 * ij[-2] + 1, ij[-1])].astype(acc) - corr[ij[-1]],
             name="D",
@@ -1067,20 +1072,17 @@ def _vnni_bmm_kernel(batch: tuple[int, ...], m: int, n: int, k: int, zero_points
     names, ``_za`` and/or ``_zb``, with the sums ``rows = Σ_k A``, ``cols = Σ_k B`` as
     inputs): each batch's B is packed to [n/16, k/4, 16, 4] next to its products.
     Unscheduled and out-element-wise fusable, like :func:`_vnni_dense_kernel`."""
-    from tvm import te, tirx
+    from tvm import te
 
-    def i64(*dims):
-        return tuple(tirx.const(d, "int64") for d in dims)
-
-    a = te.placeholder(i64(*batch, m, k), "uint8", name="A")
-    b = te.placeholder(i64(*batch, k, n), "int8", name="B")
+    a = te.placeholder(_extents(*batch, m, k), "uint8", name="A")
+    b = te.placeholder(_extents(*batch, k, n), "int8", name="B")
     packed = te.compute(
-        i64(*batch, n // 16, k // 4, 16, 4),
+        _extents(*batch, n // 16, k // 4, 16, 4),
         lambda *q: b[(*q[:-4], q[-3] * 4 + q[-1], q[-4] * 16 + q[-2])], name="B_packed",
     )
-    r = te.reduce_axis(i64(0, k), name="k")
+    r = te.reduce_axis(_extents(0, k), name="k")
     c = te.compute(
-        i64(*batch, m, n),
+        _extents(*batch, m, n),
         lambda *qij: te.sum(
             a[(*qij[:-1], r)].astype("int32")
             * packed[(*qij[:-2], qij[-1] // 16, r // 4, qij[-1] % 16, r % 4)].astype("int32"),
@@ -1089,10 +1091,10 @@ def _vnni_bmm_kernel(batch: tuple[int, ...], m: int, n: int, k: int, zero_points
         name="C", attrs={DOT_BLOCK: "bmm"},
     )
     params = [a, b]
-    rows = te.placeholder(i64(*batch, m), "int32", name="rows") if "_zb" in zero_points else None
-    cols = te.placeholder(i64(*batch, n), "int32", name="cols") if "_za" in zero_points else None
+    rows = te.placeholder(_extents(*batch, m), "int32", name="rows") if "_zb" in zero_points else None
+    cols = te.placeholder(_extents(*batch, n), "int32", name="cols") if "_za" in zero_points else None
     params += [t for t in (rows, cols) if t is not None]
-    z = te.placeholder(i64(3), "int32", name="z") if zero_points else None
+    z = te.placeholder(_extents(3), "int32", name="z") if zero_points else None
     params += [z] if z is not None else []
 
     def corrected(*qij):
@@ -1103,7 +1105,7 @@ def _vnni_bmm_kernel(batch: tuple[int, ...], m: int, n: int, k: int, zero_points
             v = v - z[0] * cols[(*qij[:-2], qij[-1])]
         return v + z[2] if rows is not None and cols is not None else v
 
-    d = te.compute(i64(*batch, m, n), corrected, name="D")
+    d = te.compute(_extents(*batch, m, n), corrected, name="D")
     return te.create_prim_func([*params, d]).with_attr("op_pattern", 4)  # kOutEWiseFusable
 
 
