@@ -24,8 +24,11 @@ the ratio of medians to ORT FP32 and to ORT's fastest int8 mode, from the same r
 * ``blocks``: each contender runs its calls back to back, with the runtimes' default
   thread settings (worker threads spin between parallel regions, as in a service that
   runs one model), and a pause between blocks so that the previous one's spinning
-  threads have gone to sleep. The contenders take turns in 4 rounds of blocks (a quarter
-  of the runs each), so that a slow spell of a shared machine does not hit only one.
+  threads have gone to sleep. Each block is warmed up for at least 0.25 s before its
+  timed calls (a few calls after the pause still run with a cold machine: a 0.08 ms
+  GEMM measured twice as slow after 3 warm-up calls). The contenders take turns in 4
+  rounds of blocks (a quarter of the runs each), so that a slow spell of a shared machine
+  does not hit only one.
 
 Also:
 
@@ -64,6 +67,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODE = "interleaved"
 #: Seconds between two blocks in blocks mode: spinning workers go to sleep before that.
 BLOCK_PAUSE_S = 2.0
+#: Blocks mode warms each block up for at least this long (and at least ``warmup`` calls):
+#: after the pause a few calls are not enough to bring the machine back to its steady state.
+BLOCK_WARMUP_S = 0.25
 #: Blocks mode cycles through the contenders this many times, each block a share of the runs.
 BLOCK_ROUNDS = 4
 #: ``--tune TRIALS``: also measure a w8a8 build compiled against a warm tuning database.
@@ -117,8 +123,10 @@ def measure(contenders: dict[str, Callable[[], object]], runs: int, warmup: int 
             share = runs // BLOCK_ROUNDS + (round_ < runs % BLOCK_ROUNDS)
             for name, fn in contenders.items():
                 time.sleep(BLOCK_PAUSE_S)
-                for _ in range(warmup):
+                start, calls = time.perf_counter(), 0
+                while calls < warmup or time.perf_counter() - start < BLOCK_WARMUP_S:
                     fn()
+                    calls += 1
                 for _ in range(share):
                     timed(name, fn)
     else:
