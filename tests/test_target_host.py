@@ -418,3 +418,53 @@ def test_layernorm_variance_from_two_sums_where_int64_holds_them(dtype, tmp_path
     low, high = (info.min, info.max) if dtype == TensorProto.INT8 else (-(2**20), 2**20)
     feeds = {"x": np.random.default_rng(0).integers(low, high, (3, 5, d), endpoint=True).astype(info.dtype)}
     np.testing.assert_array_equal(qcompiler.load(tmp_path / "out").run(feeds)[y], tm.reference(model, feeds)[y])
+
+
+def _scheduled_blocks(func) -> list[tuple[str, int, str]]:
+    """(name, points iterated, body) of every block of a scheduled kernel."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(func)
+    found, stack = [], list(sch.get_child_blocks(sch.get_sblock("root")))
+    while stack:
+        block = stack.pop()
+        stmt = sch.get(block)
+        points = int(np.prod([int(v.dom.extent) for v in stmt.iter_vars]))
+        found.append((stmt.name_hint, points, str(stmt.body)))
+        stack.extend(sch.get_child_blocks(block))
+    return found
+
+
+def test_row_statistics_are_computed_once_per_row_not_per_element(tmp_path):
+    """IntLayerNorm: the normalise kernel computes the row's mean and σ (a square root and
+    its corrections) in a loop over the rows, and its per-element block only reads them; an
+    element-wise chain whose inputs all have the output's shape is inlined into one block."""
+    import tvm
+
+    from qcompiler.targets import tvm_bridge
+
+    d = 48
+    g = tm.GraphBuilder(32)
+    x = g.input("x", [3, 5, d], TensorProto.INT8)
+    y = g.op("IntLayerNorm", [x, g.const(np.int8(2)), g.const(np.int8(0)), *tm._ln_consts(g, d, 0.05, 0.03)], tm.QC,
+             name="ln", shift=tm._ln_shift(g, d, 0.05, 0.03))
+    other = g.input("other", [3, 5, d], TensorProto.INT8)
+    s = g.op("IntAdd", [y, g.const(np.int8(0)), other, g.const(np.int8(1)), g.const(np.int8(3))], tm.QC,
+             name="add", a_multiplier=3, b_multiplier=5, shift=3)
+    model = g.model([(s, TensorProto.INT8, [3, 5, d])])
+    with tvm.transform.PassContext(opt_level=3), tvm.target.Target(_host_tvm_target()):
+        mod = tvm_bridge._schedule_cpu(tvm_bridge.fuse(tvm_bridge.lower(model)))
+    kernels = {g.name_hint: f for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    normalise = [f for f in kernels.values() if "sqrt" in f.script()]
+    assert len(normalise) == 1, sorted(kernels)
+    blocks = _scheduled_blocks(normalise[0])
+    rooted = [points for _, points, body in blocks if "sqrt" in body]
+    assert rooted and all(points == 3 * 5 for points in rooted), blocks  # once per row
+    per_element = [body for _, points, body in blocks if points == 3 * 5 * d]
+    assert per_element and not any("sqrt" in body for body in per_element), blocks
+    chains = [f for n, f in kernels.items() if "sqrt" not in f.script() and "sum" not in n]
+    for chain in chains:  # nothing broadcast: one block, as before
+        assert len(_scheduled_blocks(chain)) == 1, chain.script()
+    feeds = {name: np.random.default_rng(1).integers(-128, 128, (3, 5, d), dtype=np.int8) for name in ("x", "other")}
+    build("host", model, tmp_path / "out")
+    np.testing.assert_array_equal(qcompiler.load(tmp_path / "out").run(feeds)[s], tm.reference(model, feeds)[s])

@@ -1785,9 +1785,31 @@ def _cpu_kernel_schedule(func, vectorize: bool = True):
 _RECOMPUTE_MAX_CHARS = 400
 
 
+def _domain_size(sch, block) -> int:
+    size = 1
+    for iter_var in sch.get(block).iter_vars:
+        size *= int(getattr(iter_var.dom.extent, "value", 1 << 30))
+    return size
+
+
+def _feeds_larger(sch, block) -> bool:
+    """Whether every consumer of ``block`` iterates over at least ``_BROADCAST_RATIO`` times
+    more points: ``block`` is a per-row statistic (a LayerNorm's mean, variance and σ) that
+    its consumers broadcast; inlined, they would recompute it (a division, a square root)
+    for every element of the row."""
+    consumers = sch.get_consumers(block)
+    own = _domain_size(sch, block)
+    return bool(consumers) and all(_domain_size(sch, c) >= _BROADCAST_RATIO * own for c in consumers)
+
+
+#: A block is computed once, not inlined, when its consumers are at least this much larger.
+_BROADCAST_RATIO = 8
+
+
 def _inline_without_recomputing(sch, infos):
     """Inline element-wise blocks into their consumers, as dlight's ``try_inline`` does,
-    except expensive blocks a consumer reads at several indices: those are computed once."""
+    except expensive blocks a consumer reads at several indices and per-row statistics
+    that a larger consumer broadcasts: those are computed once."""
     import re
 
     def recomputed(block) -> bool:
@@ -1800,7 +1822,8 @@ def _inline_without_recomputing(sch, infos):
         return len(consumers) > 1 or any(len(set(re.findall(pattern, str(sch.get(c).body)))) > 1 for c in consumers)
 
     def inline_one() -> bool:
-        kept = {sch.get(info.block_rv).name_hint for info in infos if recomputed(info.block_rv)}
+        kept = {sch.get(info.block_rv).name_hint for info in infos
+                if recomputed(info.block_rv) or _feeds_larger(sch, info.block_rv)}
         for index, info in enumerate(infos):
             block = info.block_rv
             if sch.get(block).name_hint in kept:
