@@ -308,11 +308,16 @@ def _dot_kernels(mod) -> dict:
     }
 
 
+def _parameters(func) -> list[tuple[list[int], str]]:
+    """Shape and dtype of each of a kernel's buffer parameters."""
+    signature = re.split(r"def \w+\(", func.script())[1].split("):")[0]
+    return [([int(d) for d in re.findall(r"\d+", shape.replace("T.int64", ""))], dtype)
+            for shape, dtype in re.findall(r'T\.Buffer\(\((.*?)\), "(\w+)"', signature)]
+
+
 def _output_buffer(func) -> tuple[list[int], str]:
     """Shape and dtype of a kernel's last parameter (its output)."""
-    signature = re.split(r"def \w+\(", func.script())[1].split("):")[0]
-    shape, dtype = re.findall(r'T\.Buffer\(\((.*?)\), "(\w+)"', signature)[-1]
-    return [int(d) for d in re.findall(r"\d+", shape.replace("T.int64", ""))], dtype
+    return _parameters(func)[-1]
 
 
 @pytest.mark.skipif(not _has_vnni(), reason="this CPU (LLVM's host target) has no AVX-512 VNNI")
@@ -468,3 +473,40 @@ def test_row_statistics_are_computed_once_per_row_not_per_element(tmp_path):
     feeds = {name: np.random.default_rng(1).integers(-128, 128, (3, 5, d), dtype=np.int8) for name in ("x", "other")}
     build("host", model, tmp_path / "out")
     np.testing.assert_array_equal(qcompiler.load(tmp_path / "out").run(feeds)[s], tm.reference(model, feeds)[s])
+
+
+def _register_tile(func) -> tuple[int, int]:
+    """(rows, 16-column groups) of a scheduled VNNI kernel's accumulator tile."""
+    rows, groups = (int(e) for e in re.findall(r"in T\.unroll\(T\.int64\((\d+)\)\)", func.script())[:2])
+    return rows, groups
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="this CPU (LLVM's host target) has no AVX-512 VNNI")
+def test_vnni_tile_leaves_registers_for_the_epilogue_constants(tmp_path):
+    """A fused integer GELU brings a dozen scalar constants whose broadcasts LLVM keeps in
+    registers for the whole kernel: the accumulator tile shrinks so that they and the tile
+    fit the 32 zmm registers (else accumulators spill inside the K loop). A plain requantize
+    keeps the full 4 × 4 tile. Both stay bit-exact."""
+    from qcompiler.targets import tvm_bridge
+
+    def model(gelu: bool):
+        g = tm.GraphBuilder(33)
+        x = g.input("x", [1, 8, 64], TensorProto.INT8)
+        acc = g.op("IntMatMul", [x, g.weight((64, 64), -60, 61)], tm.QC, name="fc")
+        y = g.requant(acc, 0.05 * 0.01 / 0.04, np.int8(0))
+        if gelu:
+            y = g.op("IntGELU", [y, g.const(np.int8(0)), g.const(np.int8(3))], tm.QC, input_scale=0.04, output_scale=0.03)
+        return g.model([(y, TensorProto.INT8, [1, 8, 64])]), y
+
+    tiles = {}
+    for gelu in (False, True):
+        m, y = model(gelu)
+        (kernel,) = _dot_kernels(_fused_and_scheduled(m)).values()
+        rows, groups = tiles[gelu] = _register_tile(kernel)
+        scalars = sum(all(d == 1 for d in shape) for shape, _ in _parameters(kernel))
+        assert rows * groups + rows + groups + scalars <= tvm_bridge._ZMM_REGISTERS, (gelu, rows, groups, scalars)
+        feeds = {"x": np.random.default_rng(2).integers(-128, 128, (1, 8, 64), dtype=np.int8)}
+        build("host", m, tmp_path / f"gelu{gelu}")
+        np.testing.assert_array_equal(qcompiler.load(tmp_path / f"gelu{gelu}").run(feeds)[y], tm.reference(m, feeds)[y])
+    assert tiles[False] == (4, 4)
+    assert tiles[True][0] * tiles[True][1] < 16, tiles
