@@ -510,3 +510,19 @@ def test_vnni_tile_leaves_registers_for_the_epilogue_constants(tmp_path):
         np.testing.assert_array_equal(qcompiler.load(tmp_path / f"gelu{gelu}").run(feeds)[y], tm.reference(m, feeds)[y])
     assert tiles[False] == (4, 4)
     assert tiles[True][0] * tiles[True][1] < 16, tiles
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="this CPU (LLVM's host target) has no AVX-512 VNNI")
+def test_vnni_epilogue_computes_lookup_indices_in_vectors_and_reads_the_table_by_scalar_loads():
+    """A table lookup fused into a VNNI epilogue: the index chain (requantize, clamp) runs as
+    a vectorised block per tile, the table reads as an unrolled scalar loop (a vector gather
+    would be built lane by lane); no full-size intermediate is written."""
+    mod = _fused_and_scheduled(tm.attention_block("ibert"))
+    kernels = [f for name, f in _dot_kernels(mod).items() if name.endswith("_lookup")]
+    assert len(kernels) == 1, sorted(_dot_kernels(mod))
+    script = kernels[0].script()
+    loop_of = {  # block name → kind of the loop right above it
+        block: kind for kind, block in re.findall(r"in T\.(\w+)\([^\n]*\):\n\s*with T\.sblock\(\"(\w+)\"\)", script)
+    }
+    assert loop_of["lookup"] == "unroll", loop_of
+    assert [b for b, kind in loop_of.items() if kind == "vectorized" and b not in ("C_init", "A_halves", "B_packed")], loop_of

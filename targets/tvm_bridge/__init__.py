@@ -506,7 +506,7 @@ def _int_lookup(lo: _Lowerer, node: ir.Node):
     shape = _extents(*lo.shape(x))
     v = te.placeholder(shape, lo.dtype(x), name="x")
     t = te.placeholder(_extents(len(table)), str(table.dtype), name="table")
-    y = te.compute(shape, lambda *i: t[tirx.max(tirx.min(v[i].astype("int32") - low, len(table) - 1), 0)], name="lookup")
+    y = te.compute(shape, lambda *i: t[tirx.max(tirx.min(v[i].astype("int32") - low, len(table) - 1), 0)], name=LOOKUP_BLOCK)
     func = te.create_prim_func([v, t, y]).without_attr("global_symbol").with_attr(ELEMENT_WISE, True)
     kernel = lo.bb.add_func(func, "lookup")
     out = lo.relax.TensorType(lo.shape(x), str(table.dtype))
@@ -993,6 +993,8 @@ def _vnni_dense(lo: _Lowerer, a, w_nk: np.ndarray, za, acc: str = "int32"):
 #: the kernel kind); set on the reduction block of the VNNI dense kernels, which are
 #: scheduled after Relax has fused their element-wise consumers into them.
 DOT_BLOCK = "qcompiler.dot"
+#: Name of the block of an ``IntLookup`` kernel (FuseTIR keeps it; the schedules look for it).
+LOOKUP_BLOCK = "lookup"
 
 
 def _vnni_dense_kernel(lead: tuple[int, ...], n: int, k: int, kind: str):
@@ -1148,16 +1150,17 @@ def schedule_dot_kernels(mod):
     return mod
 
 
-def _fold_epilogue(sch, keep) -> list:
-    """Inline every block but ``keep`` into its consumers, so that what Relax fused after the
-    product (bias, requantize, a residual add and its other operand's chain, ...) collapses
-    into the kernel's output blocks; returns the blocks left that read the product."""
+def _fold_epilogue(sch, keep, stay=frozenset()) -> list:
+    """Inline every block but ``keep`` and ``stay`` into its consumers, so that what Relax
+    fused after the product (bias, requantize, a residual add and its other operand's chain,
+    ...) collapses into the kernel's output blocks; returns the blocks left that read the
+    product (``stay`` among them)."""
     root = sch.get_sblock("root")
     progress = True
     while progress:
         progress = False
         for block in sch.get_child_blocks(root):
-            if sch.get(block).name_hint in keep:
+            if sch.get(block).name_hint in keep or sch.get(block).name_hint in stay:
                 continue
             try:
                 sch.compute_inline(block)
@@ -1166,6 +1169,16 @@ def _fold_epilogue(sch, keep) -> list:
             progress = True
             break
     return [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint not in keep]
+
+
+def _lookup_indices(sch) -> set[str]:
+    """Names of the blocks that compute the indices of a kernel's ``IntLookup`` tables."""
+    root = sch.get_sblock("root")
+    return {
+        sch.get(producer).name_hint
+        for block in sch.get_child_blocks(root) if sch.get(block).name_hint.startswith(LOOKUP_BLOCK)
+        for producer in sch.get_producers(block)
+    }
 
 
 def _scalar_operands(sch, blocks) -> int:
@@ -1207,7 +1220,9 @@ def _schedule_vnni(func):
     kind = str(sch.get(block).annotations[DOT_BLOCK])
     loops = sch.get_loops(block)
     producers = [sch.get(p).name_hint for p in sch.get_producers(block)]
-    epilogues = _fold_epilogue(sch, {sch.get(block).name_hint, *producers})
+    keep = {sch.get(block).name_hint, *producers}
+    indices = _lookup_indices(sch) - keep
+    epilogues = _fold_epilogue(sch, keep, indices)
     outer, (i, j, r) = loops[:-3], loops[-3:]  # batch (bmm) or leading axes (dense)
     n_rows = int(sch.get_sref(i).stmt.extent)
     groups = int(sch.get_sref(j).stmt.extent) // 16
@@ -1250,7 +1265,12 @@ def _schedule_vnni(func):
     sch.tensorize(ji, intrinsic)
     sch.vectorize(sch.get_loops(init)[-1])
     for epilogue in tiled:
-        _vectorize_innermost(sch, epilogue, 16)
+        if indices and sch.get(epilogue).name_hint not in indices:
+            # it reads a table at computed indices: a vector gather would be built lane by
+            # lane (a serial chain of inserts); scalar loads from the indices are faster
+            sch.unroll(sch.get_loops(epilogue)[-1])
+        else:
+            _vectorize_innermost(sch, epilogue, 16)
     for rest in epilogues:
         if rest not in tiled:
             rest_loops = sch.get_loops(rest)
