@@ -1160,7 +1160,7 @@ def _fold_epilogue(sch, keep, stay=frozenset()) -> list:
     while progress:
         progress = False
         for block in sch.get_child_blocks(root):
-            if sch.get(block).name_hint in keep or sch.get(block).name_hint in stay:
+            if sch.get(block).name_hint in {*keep, *stay}:
                 continue
             try:
                 sch.compute_inline(block)
@@ -1828,6 +1828,7 @@ _RECOMPUTE_MAX_CHARS = 400
 
 
 def _domain_size(sch, block) -> int:
+    """Points a block iterates over (a symbolic extent counts as 2^30)."""
     size = 1
     for iter_var in sch.get(block).iter_vars:
         size *= int(getattr(iter_var.dom.extent, "value", 1 << 30))
