@@ -526,3 +526,28 @@ def test_vnni_epilogue_computes_lookup_indices_in_vectors_and_reads_the_table_by
     }
     assert loop_of["lookup"] == "unroll", loop_of
     assert [b for b, kind in loop_of.items() if kind == "vectorized" and b not in ("C_init", "A_halves", "B_packed")], loop_of
+
+
+@pytest.mark.parametrize("variant", ["ibert", "linear", "lut"])
+def test_softmax_is_one_kernel_with_what_follows_bit_exact(variant, tmp_path):
+    """IntSoftmax lowers to one kernel (row max, exp, row sum, normalise) into which Relax
+    fuses the requantize after it: no separate max or sum kernels. Bit-exact with the
+    reference over the last axis and over an inner one."""
+    import tvm
+
+    from qcompiler.targets import tvm_bridge
+
+    for axis in (-1, 2):
+        g = tm.GraphBuilder(34)
+        x = g.input("x", [1, 3, 16, 32], TensorProto.INT8)
+        p = g.op("IntSoftmax", [x, g.const(np.int8(0)), g.const(np.uint8(0))], tm.QC, input_scale=0.08,
+                 output_scale=1 / 256, variant=variant, axis=axis)
+        y = g.requant(p, 0.5, np.int8(-3))
+        model = g.model([(y, TensorProto.INT8, [1, 3, 16, 32])])
+        with tvm.transform.PassContext(opt_level=3):
+            mod = tvm_bridge.fuse(tvm_bridge.lower(model))
+        kernels = [g.name_hint for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+        assert len(kernels) == 1 and kernels[0].startswith("fused_int_softmax") and "right_shift" in kernels[0], kernels
+        feeds = {"x": np.random.default_rng(3).integers(-128, 128, (1, 3, 16, 32), dtype=np.int8)}
+        build("host", model, tmp_path / f"axis{axis}")
+        np.testing.assert_array_equal(qcompiler.load(tmp_path / f"axis{axis}").run(feeds)[y], tm.reference(model, feeds)[y])

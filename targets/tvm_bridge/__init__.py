@@ -317,23 +317,10 @@ class _Lowerer:
         within ``|a/b|·2^−53 < 1/b`` of it, so flooring the rounded quotient never crosses
         an integer. Larger bounds keep ``floor_divide``."""
         R = self.R
-        if a_bound >= 2**53 or b_bound >= 2**53:
+        if not _float64_division_exact(a_bound, b_bound):
             return self.emit(R.floor_divide(a, b))
         quotient = self.emit(R.divide(self.emit(R.astype(a, "float64")), self.emit(R.astype(b, "float64"))))
         return self.emit(R.astype(self.emit(R.floor(quotient)), "int64"))
-
-    def floor_div_const(self, a, divisor: int, a_max: int):
-        """``⌊a / divisor⌋`` for int64 ``0 ≤ a ≤ a_max`` and a constant ``divisor ≥ 1`` as a
-        multiply and a shift (``⌊a·M / 2^S⌋``, ``M = ⌈2^S / divisor⌉``), checked exhaustively at
-        compile time; ``floor_divide`` where no such pair is exact over the range."""
-        R = self.R
-        span = np.arange(a_max + 1, dtype=np.int64) if 0 <= a_max <= 1 << 20 else None
-        if span is not None and divisor >= 1:
-            shift = a_max.bit_length() + (divisor - 1).bit_length()
-            multiplier = -(-(1 << shift) // divisor)
-            if a_max * multiplier < 2**62 and np.array_equal((span * multiplier) >> shift, span // divisor):
-                return self.emit(R.right_shift(self.emit(R.multiply(a, self.c64(multiplier))), self.c64(shift)))
-        return self.emit(R.floor_divide(a, self.c64(divisor)))
 
     def clamp_cast(self, v, dtype: str, qmin=None, qmax=None):
         """Clamp int64 ``v`` to the range of ``dtype`` intersected with [qmin, qmax], then cast."""
@@ -410,6 +397,26 @@ class _Lowerer:
         folded = ReferenceInterpreter(onnx.helper.make_model(graph, opset_imports=opsets)).run({})
         for name, array in folded.items():
             self._set_const(name, np.asarray(array))
+
+
+def _float64_division_exact(a_bound: int, b_bound: int) -> bool:
+    """Whether ``⌊float64(a) / float64(b)⌋ = ⌊a / b⌋`` for ``|a| ≤ a_bound``, ``1 ≤ b ≤ b_bound``
+    (see :meth:`_Lowerer.floor_div`)."""
+    return a_bound < 2**53 and b_bound < 2**53
+
+
+def _const_divisor(divisor: int, a_max: int) -> tuple[int, int] | None:
+    """``(M, S)`` with ``⌊a·M / 2^S⌋ = ⌊a / divisor⌋`` for every ``0 ≤ a ≤ a_max``
+    (``M = ⌈2^S / divisor⌉``, checked exhaustively at compile time, ``a·M < 2^62``); None if
+    the range is too large to check or no such pair is exact."""
+    if not (0 <= a_max <= 1 << 20 and divisor >= 1):
+        return None
+    span = np.arange(a_max + 1, dtype=np.int64)
+    shift = a_max.bit_length() + (divisor - 1).bit_length()
+    multiplier = -(-(1 << shift) // divisor)
+    if a_max * multiplier < 2**62 and np.array_equal((span * multiplier) >> shift, span // divisor):
+        return multiplier, shift
+    return None
 
 
 def _sanitize(name: str, index: int) -> str:
@@ -1304,45 +1311,112 @@ def _sub_narrow(lo: _Lowerer, x, zp):
 
 
 def _int_softmax(lo: _Lowerer, node: ir.Node):
-    R = lo.R
-    x = lo.i64(lo.expr(node.inputs[0]))
-    y_zp = lo.need_const(node, 2, "y_zero_point")
+    """IntSoftmax as one kernel of four stages over the rows (the softmax axis): the row's
+    max, ``e = exp(x − max)`` by the variant's integer formula, the row's sum, and the
+    normalised, requantized output; marked out-element-wise fusable, so that Relax fuses
+    the element-wise ops that follow (a requantize, the next matmul's sign flip) into it.
+    (As Relax ops it made four kernels: each reduction ends a fused group.)"""
+    from tvm import te, tirx
+
+    x = lo.expr(node.inputs[0])
+    shape = lo.shape(x)
+    y_zero_point = np.asarray(lo.need_const(node, 2, "y_zero_point"))
+    if y_zero_point.size != 1:
+        raise TargetError(f"{node_label(node)}: IntSoftmax needs a per-tensor y_zero_point, got {y_zero_point.size} values")
+    y_zp, out_dtype = int(y_zero_point.reshape(-1)[0]), _out_dtype_of_zp(y_zero_point)
     s_in = float(_attr(node, "input_scale", 1.0))
     s_out = float(_attr(node, "output_scale", 1.0))
     variant = _attr(node, "variant", "ibert")
-    axis = _attr(node, "axis", -1) % len(lo.shape(x))
+    axis = _attr(node, "axis", -1) % len(shape)
     c = intops.softmax_constants(s_in, s_out)
-    in_min, in_max = intops.int_range(np.dtype(relax_dtype(node.inputs[0].dtype)))
+    in_min, in_max = intops.int_range(np.dtype(lo.dtype(x)))
     span = int(in_max) - int(in_min)  # bound of −d
-    d = lo.emit(R.subtract(x, lo.emit(R.max(x, axis=[axis], keepdims=True))))
+    n = shape[axis]
+
+    def i64(v):
+        return tirx.const(int(v), "int64")
+
+    def full(row, j):  # a row index with the softmax axis put back
+        return (*row[:axis], j, *row[axis:])
+
+    def row_of(index):
+        return (*index[:axis], *index[axis + 1:])
+
+    xs = te.placeholder(_extents(*shape), lo.dtype(x), name="x")
+    params, args = [xs], [x]
     if variant == "ibert":
-        z = lo.emit(R.minimum(lo.floor_div_const(lo.emit(R.negative(d)), c.q_ln2, span), lo.c64(62)))
-        p = lo.emit(R.add(d, lo.emit(R.multiply(z, lo.c64(c.q_ln2)))))
-        pb = lo.emit(R.add(p, lo.c64(c.q_b)))
-        poly = lo.emit(R.add(lo.emit(R.multiply(pb, pb)), lo.c64(c.q_c)))
-        e = lo.emit(R.right_shift(lo.emit(R.maximum(poly, lo.c64(0))), z))
+        divisor = _const_divisor(c.q_ln2, span)
+
+        def exp_of(d):
+            z = tirx.min(_te_floor_div_const(-d, c.q_ln2, divisor), i64(62))
+            pb = d + z * i64(c.q_ln2) + i64(c.q_b)
+            return tirx.max(pb * pb + i64(c.q_c), i64(0)) >> z
     elif variant == "linear":
-        t = lo.rshift_round(lo.emit(R.multiply(d, lo.c64(c.log2e_multiplier))), c.log2e_shift)
-        whole = lo.emit(R.right_shift(t, lo.c64(intops.LINEAR_FRAC_BITS)))
-        frac = lo.emit(R.subtract(t, lo.emit(R.left_shift(whole, lo.c64(intops.LINEAR_FRAC_BITS)))))
-        mantissa = lo.emit(R.add(frac, lo.c64(1 << intops.LINEAR_FRAC_BITS)))
-        e = lo.emit(R.right_shift(mantissa, lo.emit(R.minimum(lo.emit(R.negative(whole)), lo.c64(62)))))
+        def exp_of(d):
+            t = _te_rshift_round(d * i64(c.log2e_multiplier), c.log2e_shift)
+            whole = t >> i64(intops.LINEAR_FRAC_BITS)
+            mantissa = t - (whole << i64(intops.LINEAR_FRAC_BITS)) + i64(1 << intops.LINEAR_FRAC_BITS)
+            return mantissa >> tirx.min(-whole, i64(62))
     elif variant == "lut":
-        if np.dtype(relax_dtype(node.inputs[0].dtype)).itemsize != 1:
+        if np.dtype(lo.dtype(x)).itemsize != 1:
             raise TargetError(f"{node_label(node)}: IntSoftmax variant 'lut' needs 8-bit inputs")
         table = intops._exp_lut(np.arange(-255, 1, dtype=np.int64), s_in)
-        e = lo.emit(R.take(lo.c64(table), lo.emit(R.add(d, lo.c64(255))), axis=0, mode="clip"))
+        ts = te.placeholder(_extents(len(table)), "int64", name="exp_table")
+        params.append(ts)
+        args.append(lo._const(table))
+
+        def exp_of(d):
+            return ts[tirx.max(tirx.min(d + i64(255), i64(255)), i64(0))]
     else:
         raise TargetError(f"{node_label(node)}: unknown IntSoftmax variant {variant!r}")
     e_max = _softmax_exp_bound(variant, c, span)
-    total = lo.emit(R.maximum(lo.emit(R.sum(e, axis=[axis], keepdims=True)), lo.c64(1)))
-    prob = lo.floor_div(
-        lo.emit(R.left_shift(e, lo.c64(intops.SOFTMAX_FRAC_BITS))), total,
-        e_max << intops.SOFTMAX_FRAC_BITS, max(e_max * lo.shape(x)[axis], 1),
-    )
-    v = lo.rshift_round(lo.emit(R.multiply(prob, lo.c64(c.out_multiplier))), c.out_shift)
-    v = lo.emit(R.add(v, lo.c64(y_zp)))
-    return lo.clamp_cast(v, _out_dtype_of_zp(y_zp))
+    rows = _extents(*shape[:axis], *shape[axis + 1:])
+    k = te.reduce_axis((tirx.const(0, "int64"), tirx.const(n, "int64")), name="k")
+    row_max = te.compute(rows, lambda *r: te.max(xs[full(r, k)].astype("int64"), axis=k), name="row_max")
+    e = te.compute(_extents(*shape), lambda *i: exp_of(xs[i].astype("int64") - row_max[row_of(i)]), name="row_exp")
+    k2 = te.reduce_axis((tirx.const(0, "int64"), tirx.const(n, "int64")), name="k2")
+    row_sum = te.compute(rows, lambda *r: te.sum(e[full(r, k2)], axis=k2), name="row_sum")
+
+    def output(*i):
+        total = tirx.max(row_sum[row_of(i)], i64(1))
+        prob = _te_floor_div(e[i] << i64(intops.SOFTMAX_FRAC_BITS), total,
+                             e_max << intops.SOFTMAX_FRAC_BITS, max(e_max * n, 1))
+        v = _te_rshift_round(prob * i64(c.out_multiplier), c.out_shift) + i64(y_zp)
+        low, high = intops.int_range(np.dtype(out_dtype))
+        return tirx.min(tirx.max(v, i64(low)), i64(high)).astype(out_dtype)
+
+    y = te.compute(_extents(*shape), output, name="softmax")
+    func = te.create_prim_func([*params, y]).without_attr("global_symbol").with_attr("op_pattern", 4)  # kOutEWiseFusable
+    kernel = lo.bb.add_func(func, "int_softmax")
+    return lo.emit(lo.relax.call_tir(kernel, args, lo.relax.TensorType(shape, out_dtype)))
+
+
+def _te_rshift_round(v, k: int):
+    """``⌊(v + 2^(k−1)) / 2^k⌋`` (TE), as :meth:`_Lowerer.rshift_round`."""
+    from tvm import tirx
+
+    k = int(k)
+    return v if k <= 0 else (v + tirx.const(1 << (k - 1), "int64")) >> tirx.const(k, "int64")
+
+
+def _te_floor_div(a, b, a_bound: int, b_bound: int):
+    """``⌊a / b⌋`` (TE) for ``|a| ≤ a_bound``, ``1 ≤ b ≤ b_bound``: through float64 where
+    exact (see :meth:`_Lowerer.floor_div`), else integer division."""
+    from tvm import tirx
+
+    if not _float64_division_exact(a_bound, b_bound):
+        return tirx.floordiv(a, b)
+    return tirx.floor(a.astype("float64") / b.astype("float64")).astype("int64")
+
+
+def _te_floor_div_const(a, divisor: int, multiply_shift):
+    """``⌊a / divisor⌋`` (TE) by the multiply and shift :func:`_const_divisor` found."""
+    from tvm import tirx
+
+    if multiply_shift is None:
+        return tirx.floordiv(a, tirx.const(divisor, "int64"))
+    multiplier, shift = multiply_shift
+    return (a * tirx.const(multiplier, "int64")) >> tirx.const(shift, "int64")
 
 
 def _softmax_exp_bound(variant: str, c, span: int) -> int:
