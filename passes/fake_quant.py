@@ -23,6 +23,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
 from qcompiler.calibration import ActivationStats, activation_values
+from qcompiler import qstate
 from qcompiler.graph import NameFactory, add_initializer, const_array, ensure_opset, node_label
 from qcompiler.histogram import estimate_sqnr_db
 from qcompiler.pipeline import Pass, option
@@ -85,13 +86,21 @@ def node_config(node: ir.Node | None, rules: list[Rule], default_a: QFormat, def
 class Assignment:
     """How one activation tensor is quantized; ``group`` names the tensor whose
     parameters it shares (transparent ops, masks), ``ranges`` the range per bit width.
-    The plan (tensor name → Assignment) is kept in ``ctx.snapshots["activation_plan"]``
-    so later passes (allocate-bits) can change bit widths."""
+    The plan (tensor name → Assignment) travels with the model (:mod:`qcompiler.qstate`)
+    so later passes (allocate-bits) can change bit widths, in this compile or another."""
 
     tensor: str
     group: str
     fmt: QFormat
     ranges: dict
+
+    def to_json(self) -> dict:
+        return {"group": self.group, "format": str(self.fmt),
+                "ranges": {str(b): [float(lo), float(hi)] for b, (lo, hi) in sorted(self.ranges.items())}}
+
+    @classmethod
+    def from_json(cls, tensor: str, entry: dict) -> Assignment:
+        return cls(tensor, entry["group"], QFormat.parse(entry["format"]), dict(entry["ranges"]))
 
     def qparams(self, bits: int | None = None) -> tuple[float, np.ndarray]:
         fmt = self.fmt if bits is None else dataclasses.replace(self.fmt, bits=bits)
@@ -108,6 +117,7 @@ class InsertFakeQuant(Pass):
     name = "insert-fake-quant"
     stages = ("float",)
     produces = "fakequant"
+    provides = ("float-reference", "activation-plan")
     preserves_numerics = False
 
     weights: str = option("int8:per-channel", "weight format (int4|int8|int16 : per-tensor|per-channel|per-group[:size])")
@@ -129,8 +139,8 @@ class InsertFakeQuant(Pass):
             Rule.parse(text)
 
     def run(self, model: ir.Model, ctx) -> bool:
-        rules = [Rule.parse(t) for t in self.overrides]
-        fmt_w = QFormat.parse(self.weights)
+        rules = [self._fit(Rule.parse(t), ctx) for t in self.overrides]
+        fmt_w = self._fit_weights(QFormat.parse(self.weights), ctx)
         report = ctx.report
         kept = report.setdefault("kept_float", [])
         for node in model.graph:
@@ -138,7 +148,7 @@ class InsertFakeQuant(Pass):
             if keep:
                 kept.append({"node": node.name, "op": node.op_type, "reason": "configured (override float)"})
 
-        ctx.snapshots["float"] = ir.to_proto(model)
+        qstate.set_float_reference(model, ir.to_proto(model))
         stats = None
         if self.activations != "none":
             stats = ctx.analysis(ActivationStats(max_samples=self.samples or None), model)
@@ -147,7 +157,7 @@ class InsertFakeQuant(Pass):
         if self.activations == "none":
             return changed
         fmt_a = QFormat.parse(self.activations)
-        plan = self._plan_activations(model, stats, rules, fmt_a, report)
+        plan = self._plan_activations(model, stats, rules, fmt_a, report, self._wide_allowed(ctx))
         if any(a.fmt.bits != 8 or not a.fmt.signed for a in plan.values()):
             ensure_opset(model, 21)
         names = NameFactory(model.graph)
@@ -156,9 +166,32 @@ class InsertFakeQuant(Pass):
             value = by_name[name]
             scale, zero = assignment.qparams()
             insert_qdq(model.graph, names, value, scale, zero, value.producer())
-        ctx.snapshots["activation_plan"] = plan
+        qstate.set_activation_plan(model, {name: a.to_json() for name, a in plan.items()})
         quantize_biases(model, names)
         ir_common.RemoveUnusedNodesPass()(model)
+        return True
+
+    # -- what the target takes ----------------------------------------------------------
+
+    def _fit_weights(self, fmt: QFormat, ctx) -> QFormat:
+        caps = getattr(ctx, "target", None)
+        if caps is None:
+            return fmt
+        fitted, note = caps.fit_weights(fmt)
+        if note:
+            ctx.warn(f"insert-fake-quant: target '{ctx.target_name}' takes weights as {note}")
+        return fitted
+
+    def _fit(self, rule: Rule, ctx) -> Rule:
+        if rule.weights is None:
+            return rule
+        return dataclasses.replace(rule, weights=self._fit_weights(rule.weights, ctx))
+
+    def _wide_allowed(self, ctx) -> bool:
+        caps = getattr(ctx, "target", None)
+        if caps is not None and 16 not in caps.activation_bits and self.wide_below_db > 0:
+            ctx.warn(f"insert-fake-quant: target '{ctx.target_name}' has no 16-bit activations; wide_below_db is ignored")
+            return False
         return True
 
     # -- weights ---------------------------------------------------------------------
@@ -182,7 +215,7 @@ class InsertFakeQuant(Pass):
 
     # -- activations -------------------------------------------------------------------
 
-    def _plan_activations(self, model, stats, rules, fmt_a, report) -> dict[str, Assignment]:
+    def _plan_activations(self, model, stats, rules, fmt_a, report, wide_allowed: bool = True) -> dict[str, Assignment]:
         """value name -> its quantization, for every activation to quantize."""
         derived = input_derived(model)
         internal: set[int] = set()
@@ -210,7 +243,7 @@ class InsertFakeQuant(Pass):
             tensor_stats = stats[value.name]
             ranges, how = self._ranges(value, producer, fmt, tensor_stats, derived, stats, plan)
             sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[fmt.bits], 2**fmt.bits)
-            if self.wide_below_db > 0 and fmt.bits == 8 and sqnr < self.wide_below_db:
+            if wide_allowed and self.wide_below_db > 0 and fmt.bits == 8 and sqnr < self.wide_below_db:
                 fmt = dataclasses.replace(fmt, bits=16)
                 how += " (widened to 16 bits)"
                 sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[16], 2**16)

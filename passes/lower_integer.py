@@ -23,7 +23,6 @@ no integer form: those stay as QDQ islands and are listed in the report.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -32,78 +31,15 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from qcompiler import intops
-from qcompiler.graph import NameFactory, add_initializer, const_array, ensure_qc_opset, node_label
+from qcompiler import intops, qstate
+from qcompiler.graph import const_array, ensure_qc_opset, node_label
 from qcompiler.opset import QC_DOMAIN
 from qcompiler.pipeline import Pass, option
+from qcompiler.passes.lower_nonlinear import _ELEMENTWISE_TABLES, NonlinearLowering
+from qcompiler.passes.lowering_common import QT, Builder as _Builder, Refuse as _Refuse, shape_of as _shape
 from qcompiler.qdq import TRANSPARENT_OPS, constant_value as _dequantized_constant, is_float, linear_group, qdq_source
 
 _INT8 = (np.dtype(np.int8), np.dtype(np.uint8))
-_ELEMENTWISE_TABLES = {
-    "Sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
-    "Tanh": np.tanh,
-    "Erf": lambda x: np.vectorize(math.erf)(x),
-    "Exp": np.exp,
-    "HardSigmoid": lambda x: np.clip(0.2 * x + 0.5, 0.0, 1.0),
-    "HardSwish": lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
-    "Softplus": lambda x: np.log1p(np.exp(x)),
-    "Neg": lambda x: -x,
-    "Abs": np.abs,
-    "Sqrt": lambda x: np.sqrt(np.maximum(x, 0.0)),
-    "Relu": lambda x: np.maximum(x, 0.0),
-    "LeakyRelu": None,  # needs alpha: handled in _table_function
-    "Elu": None,
-}
-
-
-@dataclasses.dataclass
-class QT:
-    """A quantized tensor in the integer graph: ``x ≈ (value − zero) · scale``."""
-
-    value: ir.Value
-    scale: np.ndarray  # scalar, or 1-D per channel (weights only)
-    zero: np.ndarray
-    axis: int | None = None
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.asarray(self.zero).dtype
-
-    @property
-    def s(self) -> float:
-        return float(np.asarray(self.scale).reshape(-1)[0])
-
-    @property
-    def z(self) -> int:
-        return int(np.asarray(self.zero).reshape(-1)[0])
-
-    def same_params(self, other: QT) -> bool:
-        return self.dtype == other.dtype and self.s == other.s and self.z == other.z
-
-
-class _Builder:
-    """Creates integer nodes and constants before ``anchor`` with typed outputs."""
-
-    def __init__(self, model: ir.Model):
-        self.graph = model.graph
-        self.names = NameFactory(model.graph)
-        self.anchor: ir.Node | None = None
-
-    def const(self, base: str, array) -> ir.Value:
-        return add_initializer(self.graph, self.names(base), np.asarray(array))
-
-    def node(self, op: str, inputs, attrs=None, *, dtype, shape, domain: str = "", base: str = "") -> ir.Value:
-        node = ir.node(op, inputs, attrs or {}, domain=domain, name=self.names(f"{base or op}_{op}"))
-        out = node.outputs[0]
-        out.name = self.names(f"{base or op}_{op.lower()}")
-        out.dtype = ir.DataType.from_numpy(np.dtype(dtype))
-        out.shape = ir.Shape(shape) if shape is not None else None
-        self.graph.insert_before(self.anchor, node)
-        return out
-
-
-def _shape(value: ir.Value):
-    return list(value.shape) if value.shape is not None else None
 
 
 @dataclass(frozen=True)
@@ -123,7 +59,7 @@ class LowerInteger(Pass):
     def run(self, model: ir.Model, ctx) -> bool:
         import fnmatch
 
-        ctx.snapshots["fakequant"] = ir.to_proto(model)
+        qstate.set_fakequant_snapshot(model, ir.to_proto(model))
         ensure_qc_opset(model)
         lowering = _Lowering(model, self, ctx)
         for node in list(model.graph):
@@ -160,7 +96,7 @@ def _warn_wide_accumulators(accumulators: list[dict], ctx) -> None:
     )
 
 
-class _Lowering:
+class _Lowering(NonlinearLowering):
     def __init__(self, model: ir.Model, options: LowerInteger, ctx):
         self.model = model
         self.options = options
@@ -474,126 +410,6 @@ class _Lowering:
                                     {"acc_type": np.dtype(acc).name}, dtype=acc, shape=shape, domain=QC_DOMAIN, base=node.name)
         return self.requantize(acc_value, a.s * b.s / out.s, out, shape=shape)
 
-    # -- nonlinear ops ---------------------------------------------------------------------
-
-    def _op_Softmax(self, node: ir.Node, out: QT):
-        x = self.qin(node.inputs[0])
-        if x is None:
-            return None
-        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else -1
-        choices = ["lut", "linear", "ibert"] if x.dtype in _INT8 else ["linear", "ibert"]
-        if self.options.softmax != "auto":
-            if self.options.softmax == "lut" and x.dtype not in _INT8:
-                raise _Refuse("softmax=lut needs 8-bit inputs")
-            choices = [self.options.softmax]
-        variant = self._pick("Softmax", node, x, out, choices, lambda v, q: intops.int_softmax(q, x.zero, out.zero, x.s, out.s, -1, v),
-                             lambda f: _softmax(f))
-        inputs = [x.value, self.b.const("x_zero_point", x.zero), self.b.const("y_zero_point", out.zero)]
-        return self.b.node("IntSoftmax", inputs, {"input_scale": x.s, "output_scale": out.s, "axis": axis, "variant": variant},
-                           dtype=out.dtype, shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
-
-    def _op_Gelu(self, node: ir.Node, out: QT):
-        x = self.qin(node.inputs[0])
-        if x is None:
-            return None
-        approximate = node.attributes["approximate"].as_string() if "approximate" in node.attributes else "none"
-        reference = _gelu_tanh if approximate == "tanh" else _gelu_erf
-        choices = ["lut", "ibert"] if x.dtype in _INT8 else ["ibert"]
-        if self.options.gelu != "auto":
-            if self.options.gelu == "lut" and x.dtype not in _INT8:
-                raise _Refuse("gelu=lut needs 8-bit inputs")
-            choices = [self.options.gelu]
-
-        def run(variant, q):
-            if variant == "lut":
-                return intops.int_lookup(q, self._lut(x, out, reference))
-            return intops.int_gelu(q, x.zero, out.zero, x.s, out.s)
-
-        variant = self._pick("Gelu", node, x, out, choices, run, reference, elementwise=True)
-        if variant == "lut":
-            return self._lookup(x, out, reference, _shape(node.outputs[0]))
-        inputs = [x.value, self.b.const("x_zero_point", x.zero), self.b.const("y_zero_point", out.zero)]
-        return self.b.node("IntGELU", inputs, {"input_scale": x.s, "output_scale": out.s}, dtype=out.dtype,
-                           shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
-
-    def _op_LayerNormalization(self, node: ir.Node, out: QT):
-        x = self.qin(node.inputs[0])
-        if x is None:
-            return None
-        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else -1
-        rank = len(node.inputs[0].shape)
-        if axis not in (-1, rank - 1):
-            raise _Refuse("LayerNorm over more than the last axis")
-        gamma = _dequantized_constant(node.inputs[1])
-        beta = _dequantized_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros_like(gamma)
-        if gamma is None or beta is None:
-            raise _Refuse("LayerNorm scale/bias are not constant")
-        channels = node.inputs[0].shape[-1]
-        gamma = np.broadcast_to(gamma.reshape(-1), (channels,))
-        beta = np.broadcast_to(beta.reshape(-1), (channels,))
-        eps = node.attributes["epsilon"].as_float() if "epsilon" in node.attributes else 1e-5
-        mult, bias, k, eps_q = intops.layernorm_constants(gamma, beta, x.s, out.s, eps)
-        self._measure("LayerNormalization", node, x, out, "integer", lambda q: intops.int_layernorm(q, x.zero, out.zero, mult, bias, k, eps_q),
-                      lambda f: _layernorm(f, gamma, beta, eps), rows=channels)
-        inputs = [x.value, self.b.const("x_zero_point", x.zero), self.b.const("y_zero_point", out.zero),
-                  self.b.const("ln_multiplier", mult.astype(np.int64)), self.b.const("ln_bias", bias.astype(np.int64))]
-        return self.b.node("IntLayerNorm", inputs, {"shift": int(k), "eps_q": int(eps_q), "axis": -1},
-                           dtype=out.dtype, shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
-
-    def _table(self, node: ir.Node, out: QT):
-        x = self.qin(node.inputs[0])
-        if x is None or len([v for v in node.inputs if v is not None]) != 1:
-            return None
-        if x.dtype not in _INT8:
-            raise _Refuse(f"{node.op_type} on 16-bit input has no integer form (lookup tables need 8-bit inputs)")
-        function = _table_function(node)
-        if function is None:
-            return None
-        return self._lookup(x, out, function, _shape(node.outputs[0]))
-
-    def _lut(self, x: QT, out: QT, function) -> np.ndarray:
-        lo, hi = intops.int_range(x.dtype)
-        grid = (np.arange(lo, hi + 1, dtype=np.float64) - x.z) * x.s
-        y = np.round(function(grid) / out.s) + out.z
-        ylo, yhi = intops.int_range(out.dtype)
-        return np.clip(y, ylo, yhi).astype(out.dtype)
-
-    def _lookup(self, x: QT, out: QT, function, shape):
-        table = self.b.const("table", self._lut(x, out, function))
-        return self.b.node("IntLookup", [x.value, table], dtype=out.dtype, shape=shape, domain=QC_DOMAIN)
-
-    def _pick(self, op, node, x: QT, out: QT, choices, run, reference, elementwise=False) -> str:
-        """Measure each variant against float on a sweep of the input grid; pick the first
-        within the error budget (else the most accurate)."""
-        errors = {}
-        for variant in choices:
-            errors[variant] = self._measure(op, node, x, out, variant, lambda q, v=variant: run(v, q), reference,
-                                            rows=None if elementwise else 128, record=False)
-        chosen = next((v for v in choices if errors[v] <= self.options.error_budget), min(errors, key=errors.get))
-        self.variants.append({"node": node.name, "op": op, "errors": {v: round(e, 6) for v, e in errors.items()}, "chosen": chosen})
-        return chosen
-
-    def _measure(self, op, node, x: QT, out: QT, variant, run, reference, rows=None, record=True) -> float:
-        """Max |integer − float| over a deterministic sweep, as a fraction of the output range."""
-        lo, hi = intops.int_range(x.dtype)
-        rng = np.random.default_rng(0)
-        if rows is None:
-            q = np.arange(lo, hi + 1, max(1, (hi - lo) // 4096)).astype(x.dtype)
-        else:  # rows of realistic spread: a random subset of the calibrated range
-            q = rng.integers(lo, hi + 1, size=(16, rows)).astype(x.dtype)
-            q = (q.astype(np.int64) - x.z) // rng.integers(1, 8, size=(16, 1)) + x.z
-            q = np.clip(q, lo, hi).astype(x.dtype)
-        real = (q.astype(np.float64) - x.z) * x.s
-        expected = reference(real)
-        got = (run(q).astype(np.float64) - out.z) * out.s
-        ylo, yhi = intops.int_range(out.dtype)
-        span = (yhi - ylo) * out.s
-        clipped = np.clip(expected, (ylo - out.z) * out.s, (yhi - out.z) * out.s)
-        error = float(np.max(np.abs(got - clipped))) / span
-        if record:
-            self.variants.append({"node": node.name, "op": op, "errors": {variant: round(error, 6)}, "chosen": variant})
-        return error
-
     # -- data movement ----------------------------------------------------------------------
 
     def _transparent(self, node: ir.Node, out: QT):
@@ -663,46 +479,6 @@ class _Lowering:
         axes = self.b.const("axes", np.arange(2, len(shape), dtype=np.int64))
         total = self.b.node("ReduceSum", [wide, axes], {"keepdims": 1}, dtype=np.int32, shape=_shape(node.outputs[0]), base=node.name)
         return self.requantize(total, x.s / (out.s * window), out, x_zero=np.int32(window * x.z), shape=_shape(node.outputs[0]))
-
-
-class _Refuse(Exception):
-    """This node stays in float; the message says why."""
-
-
-def _table_function(node: ir.Node):
-    op = node.op_type
-    attrs = {k: a.value for k, a in node.attributes.items()}
-    if op == "LeakyRelu":
-        alpha = float(attrs.get("alpha", 0.01))
-        return lambda x: np.where(x >= 0, x, alpha * x)
-    if op == "Elu":
-        alpha = float(attrs.get("alpha", 1.0))
-        return lambda x: np.where(x >= 0, x, alpha * (np.exp(np.minimum(x, 0)) - 1))
-    if op == "HardSigmoid":
-        alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
-        return lambda x: np.clip(alpha * x + beta, 0.0, 1.0)
-    return _ELEMENTWISE_TABLES.get(op)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _gelu_erf(x: np.ndarray) -> np.ndarray:
-    from scipy.special import erf
-
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
-
-
-def _gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def _layernorm(x: np.ndarray, gamma, beta, eps) -> np.ndarray:
-    mean = x.mean(axis=-1, keepdims=True)
-    var = x.var(axis=-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
 def _drop_redundant_qdq(model: ir.Model) -> None:

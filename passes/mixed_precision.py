@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from qcompiler import qstate
 from qcompiler.graph import const_array, ensure_opset, set_initializer_array
 from qcompiler.instruments import sqnr_db
 from qcompiler.pipeline import Pass, option
@@ -138,6 +139,7 @@ class AllocateBits(Pass):
 
     name = "allocate-bits"
     stages = ("fakequant",)
+    requires = ("float-reference",)
     preserves_numerics = False
 
     budget: float = option(6.0, "average weight bits (parameter-weighted); 8 = no 4-bit layers")
@@ -154,9 +156,7 @@ class AllocateBits(Pass):
 
     def run(self, model: ir.Model, ctx) -> bool:
         data = ctx.require_calibration(self.name)
-        float_proto = ctx.snapshots.get("float")
-        if float_proto is None:
-            raise ValueError("allocate-bits must run after insert-fake-quant in the same pipeline")
+        float_proto = qstate.float_reference(model)
         samples = []
         for feeds in data:
             samples.append(feeds)
@@ -170,9 +170,16 @@ class AllocateBits(Pass):
         report = ctx.report.setdefault("mixed_precision", {})
         report["start_sqnr_db"] = round(evaluator.score()[0], 2)
         changed = False
-        if self.act_noise_ratio >= 0 and "activation_plan" in ctx.snapshots:
-            changed |= self._activations(model, evaluator, report, ctx.snapshots["activation_plan"])
-        changed |= self._weights(model, evaluator, report, ctx)
+        plan = qstate.activation_plan(model)
+        caps = getattr(ctx, "target", None)
+        if caps is not None and 16 not in caps.activation_bits:
+            plan = None  # the target has no 16-bit activations
+        if self.act_noise_ratio >= 0 and plan is not None:
+            changed |= self._activations(model, evaluator, report, plan)
+        if caps is None or 4 in caps.weight_bits:
+            changed |= self._weights(model, evaluator, report, ctx, float_proto)
+        else:
+            ctx.warn(f"allocate-bits: target '{ctx.target_name}' has no 4-bit weights; weights stay at 8 bits")
         quantize_biases(model)
         report["final_sqnr_db"] = round(evaluator.score()[0], 2)
         ctx.log(f"allocate-bits: SQNR {report['start_sqnr_db']} -> {report['final_sqnr_db']} dB")
@@ -181,10 +188,13 @@ class AllocateBits(Pass):
     # -- activations ------------------------------------------------------------------------
 
     def _activations(self, model, evaluator: _Evaluator, report, plan: dict) -> bool:
+        from qcompiler.passes.fake_quant import Assignment
+
         groups: dict[str, list[ir.Node]] = {}
         assignments = {}
         for node in model.graph:
-            assignment = plan.get(node.inputs[0].name) if node.op_type == "QuantizeLinear" else None
+            entry = plan.get(node.inputs[0].name) if node.op_type == "QuantizeLinear" else None
+            assignment = None if entry is None else Assignment.from_json(node.inputs[0].name, entry)
             if assignment is not None:
                 groups.setdefault(assignment.group, []).append(node)
                 assignments.setdefault(assignment.group, assignment)
@@ -220,12 +230,12 @@ class AllocateBits(Pass):
 
     # -- weights ----------------------------------------------------------------------------
 
-    def _weights(self, model, evaluator: _Evaluator, report, ctx) -> bool:
+    def _weights(self, model, evaluator: _Evaluator, report, ctx, float_proto) -> bool:
         layers = self._weight_layers(model)
         if not layers:
             return False
         if self.weight_method == "gptq":
-            self._attach_gptq(layers, ctx)
+            self._attach_gptq(layers, ctx, float_proto)
         _, base_noise = evaluator.score()
         for layer in layers:
             self._set_weight_bits(layer, 4)
@@ -258,7 +268,7 @@ class AllocateBits(Pass):
         for layer in layers:
             self._set_weight_bits(layer, layer.bits)
         if self.bias_correction and any(l.bits == 4 for l in layers):
-            report["bias_corrected"] = self._correct_biases([l for l in layers if l.bits == 4], ctx)
+            report["bias_corrected"] = self._correct_biases([l for l in layers if l.bits == 4], ctx, float_proto)
         for layer in layers:  # 4-bit weights stored as INT4 so the model really is smaller
             if layer.bits == 4:
                 for value in layer.dq.inputs[0], layer.dq.inputs[2]:
@@ -294,11 +304,11 @@ class AllocateBits(Pass):
                 layers.append(_WeightLayer(node, dq, slot, weight, int(data.size)))
         return layers
 
-    def _attach_gptq(self, layers: list[_WeightLayer], ctx) -> None:
+    def _attach_gptq(self, layers: list[_WeightLayer], ctx, float_proto) -> None:
         """Float weights and layer-input Hessians from the float model, for GPTQ at 4 bits."""
         from qcompiler.gptq import LinearInputHessians
 
-        float_model = ir.from_proto(ctx.snapshots["float"])
+        float_model = ir.from_proto(float_proto)
         hessians = LinearInputHessians(max_samples=max(self.samples, 16)).compute(float_model, ctx)
         nodes = {n.name: n for n in float_model.graph}
         for layer in layers:
@@ -307,13 +317,13 @@ class AllocateBits(Pass):
                 layer.float_node, layer.hessians = original, hessians
                 layer.float_weight = const_array(original.inputs[1]).astype(np.float32)
 
-    def _correct_biases(self, layers: list[_WeightLayer], ctx) -> list[str]:
+    def _correct_biases(self, layers: list[_WeightLayer], ctx, float_proto) -> list[str]:
         """Bias correction (Nagel et al., 2019): ``E[x·W_q] − E[x·W] = x̄·(W_q − W)``, with
         ``x̄`` the mean float input row on calibration data, is subtracted from the bias."""
         from qcompiler.gptq import LinearInputMeans
         from qcompiler.qdq import linear_group, qdq_source
 
-        float_model = ir.from_proto(ctx.snapshots["float"])
+        float_model = ir.from_proto(float_proto)
         means = ctx.analysis(LinearInputMeans(max_samples=max(self.samples, 16)), float_model)
         float_nodes = {n.name: n for n in float_model.graph}
         corrected = []

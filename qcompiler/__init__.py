@@ -4,6 +4,10 @@
 >>> model = qcompiler.load_onnx("model.onnx", input_shapes={"x": (1, 3, 32, 32)})
 >>> qcompiler.compile(model, "reference", "out", preset="float")
 >>> qcompiler.load("out").run({"x": x})
+
+The public API is :data:`__all__` (documented in ``docs/api.md``); plugin authors also use
+:mod:`qcompiler.integer` (integer ops) and :mod:`qcompiler.targets.tvm_target` (TVM targets).
+Everything else may change between releases.
 """
 
 from __future__ import annotations
@@ -14,18 +18,21 @@ from .artifact import load
 from .calibdata import CalibrationData
 from .compiler import CompileResult, compile_model
 from .errors import QCompilerError, UserError
+from .integer import IntegerOp
 from .interpreter import ReferenceInterpreter
 from .onnx_import import load_onnx
 from .passmanager import Analysis, Instrument, PassContext, run_pipeline
 from .pipeline import Pass, Pipeline, option
+from .target import Capabilities, Runner, Target
 from .torch_import import from_torch
+from .verification import VerificationError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Analysis", "CalibrationData", "CompileResult", "Instrument", "Pass", "PassContext",
-    "Pipeline", "QCompilerError", "ReferenceInterpreter", "UserError", "compile", "compile_model",
-    "from_torch", "load", "load_onnx", "option", "run_pipeline",
+    "Analysis", "CalibrationData", "Capabilities", "CompileResult", "Instrument", "IntegerOp", "Pass", "PassContext",
+    "Pipeline", "QCompilerError", "ReferenceInterpreter", "Runner", "Target", "UserError", "VerificationError", "compile",
+    "compile_model", "from_torch", "load", "load_onnx", "option", "run_pipeline",
 ]
 
 
@@ -46,20 +53,14 @@ def compile(
     arrays with a leading sample axis. Without ``preset``/``pipeline`` the default is
     ``w8a8`` when calibration data is given, else data-free weight-only int8.
     """
+    from .graph import get_stage
     from .pipeline import parse_one
-    from .presets import DATA_FREE_DEFAULT, get_preset
+    from .presets import choose
     from .target import default_targets
 
     if not hasattr(model, "graph"):
         model = load_onnx(model, input_shapes=input_shapes)
     if calib is not None and not isinstance(calib, CalibrationData):
         calib = CalibrationData.from_arrays(calib) if isinstance(calib, dict) else CalibrationData.from_path(calib)
-    if pipeline is None:
-        chosen = get_preset(preset or ("w8a8" if calib is not None else DATA_FREE_DEFAULT))
-        if chosen.needs_calibration and calib is None:
-            raise UserError(f"preset '{chosen.name}' needs calibration data (calib=...)")
-        pipeline = chosen.spec
-    return compile_model(
-        model, parse_one(target, default_targets()), out_dir,
-        pipeline=Pipeline.parse(pipeline), calibration=calib, **kwargs,
-    )
+    chosen, _ = choose(preset, pipeline, get_stage(model), calib is not None)
+    return compile_model(model, parse_one(target, default_targets()), out_dir, pipeline=chosen, calibration=calib, **kwargs)

@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", action="store_true", help="write report.json (and report.html) into the output")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed for anything random (default 0)")
+    parser.add_argument(
+        "--no-verify", action="store_true",
+        help="do not run the build against the reference interpreter (by default every build is checked)",
+    )
+    parser.add_argument(
+        "--verify-samples", type=int, default=2, metavar="N",
+        help="inputs the build is checked on (calibration samples, else generated; default 2)",
+    )
     tune = parser.add_argument_group("tuning (host target)")
     tune.add_argument(
         "--tune", type=_trials, default=0, metavar="TRIALS",
@@ -69,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--debug", action="store_true", help="show Python tracebacks and warnings")
     parser.add_argument("--list-passes", action="store_true", help="list passes, their options, and presets")
     parser.add_argument("--list-targets", action="store_true", help="list targets")
+    parser.add_argument(
+        "--setup", metavar="TARGET", choices=["arm-neon"],
+        help="install what a target needs outside Python (arm-neon: cross toolchain, qemu, aarch64 TVM runtime)",
+    )
     parser.add_argument("--version", action="store_true", help="print the version")
     return parser
 
@@ -144,6 +156,11 @@ def run(argv: list[str] | None = None) -> int:
         if args.list_targets:
             _list_targets(out)
         return 0
+    if args.setup:
+        from .targets import aarch64_toolchain
+
+        aarch64_toolchain.setup(log=lambda message: print(f"{PROG}: {message}", file=out))
+        return 0
     if not args.model:
         raise UserError(f"no model given (see {PROG} --help)")
     if not args.target:
@@ -160,7 +177,8 @@ def _compile(args, out) -> int:
     from .compiler import compile_model
     from .onnx_import import PICKLE_REFUSAL, PICKLE_SUFFIXES, load_onnx
     from .pipeline import Pipeline, parse_one
-    from .presets import DATA_FREE_DEFAULT, get_preset
+    from .graph import get_stage
+    from .presets import choose, get_preset
     from .target import default_targets
 
     model_path = Path(args.model)
@@ -172,15 +190,9 @@ def _compile(args, out) -> int:
     protect = [model_path] + ([Path(args.calib)] if args.calib else [])
     check_output_dir(args.out_dir, force=args.force, protect=protect)
     if args.pipeline:
-        pipeline = Pipeline.parse(args.pipeline)
-        preset = None
-    else:
-        preset = get_preset(args.preset or ("w8a8" if args.calib else DATA_FREE_DEFAULT))
-        if preset.needs_calibration and not args.calib:
-            raise UserError(f"preset '{preset.name}' needs calibration data: pass --calib DATA")
-        pipeline = Pipeline.parse(preset.spec)
-        if not args.preset:
-            print(f"{PROG}: note: no --preset given: using '{preset.name}' ({preset.summary})", file=out)
+        Pipeline.parse(args.pipeline)  # a bad spec fails before the model is read
+    elif args.preset:
+        get_preset(args.preset)
     tuning = None
     if args.tune or args.tuning_db:
         if not target.tunable:
@@ -198,6 +210,9 @@ def _compile(args, out) -> int:
         )
     calibration = CalibrationData.from_path(args.calib) if args.calib else None
     model = load_onnx(args.model, input_shapes=input_shapes)
+    pipeline, note = choose(args.preset, args.pipeline, get_stage(model), calibration is not None)
+    if note:
+        print(f"{PROG}: note: {note}", file=out)
 
     instruments = [inst.Reproducer(args.reproducer_dir)]
     timing = inst.Timing() if args.time_passes else None
@@ -215,7 +230,7 @@ def _compile(args, out) -> int:
         pipeline=pipeline, calibration=calibration, seed=args.seed,
         instruments=instruments, force=args.force, report=args.report,
         log=(lambda m: print(m, file=sys.stderr)) if args.debug else (lambda m: None),
-        tuning=tuning,
+        tuning=tuning, verify=not args.no_verify, verify_samples=args.verify_samples,
     )
     for message in result.context.warnings:
         print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
@@ -237,10 +252,18 @@ def _compile(args, out) -> int:
         )
     nodes = sum(1 for _ in result.model.graph)
     print(
-        f"{PROG}: wrote {args.out_dir} (target {target}, stage {result.manifest['stage']}, {nodes} nodes)",
+        f"{PROG}: wrote {args.out_dir} (target {target}, stage {result.manifest['stage']}, {nodes} nodes; "
+        f"{_verified(result.manifest['verified'])})",
         file=out,
     )
     return 0
+
+
+def _verified(entry: dict) -> str:
+    status = entry["status"]
+    if status in ("skipped", "not-run"):
+        return f"not verified: {_shorten(entry['reason'], 80)}"
+    return f"verified {status} on {entry['samples']} {entry['inputs']} input{'s' if entry['samples'] != 1 else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:

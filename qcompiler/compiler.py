@@ -9,6 +9,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from . import qstate
 from .artifact import atomic_output_dir, tool_versions, write_manifest
 from .calibdata import CalibrationData, input_specs
 from .errors import TargetError
@@ -42,13 +43,34 @@ def _io(values, ranges: dict[str, tuple[int, int, str]] | None = None) -> list[d
     return entries
 
 
-def _write_qdq_model(out_dir: Path, model: ir.Model, ctx: PassContext) -> None:
-    """``model.qdq.onnx``: the fake-quant (QDQ) model that onnxruntime runs, when the pipeline made one."""
-    proto = ctx.snapshots.get("fakequant")
+def _write_qdq_model(out_dir: Path, model: ir.Model) -> None:
+    """``model.qdq.onnx``: the fake-quant (QDQ) model that onnxruntime runs, when the pipeline
+    made one, with its float reference beside it (``model.qdq.float.onnx``) so it can be
+    compiled again from that stage (see :mod:`qcompiler.qstate`)."""
+    proto = qstate.fakequant_snapshot(model)
     if proto is None and get_stage(model) == "fakequant":
         proto = ir.to_proto(model)
     if proto is not None:
-        (out_dir / "model.qdq.onnx").write_bytes(proto.SerializeToString(deterministic=True))
+        qstate.save_fakequant(proto, qstate.float_reference(model), out_dir / "model.qdq.onnx")
+
+
+def _verify(model: ir.Model, target: Target, folder: Path, ctx: PassContext, count: int) -> dict:
+    """Run the artifact in ``folder`` against the reference interpreter (see :mod:`.verification`)."""
+    from .artifact import read_manifest
+    from .verification import verify_build
+
+    samples = ctx.sample_inputs(model, count)
+    source = "calibration" if ctx.calibration is not None else "generated"
+
+    def build_probe(probe: ir.Model, where: Path):
+        info = target.build(probe, where, None) or {}
+        manifest = {"inputs": _io(probe.graph.inputs), "outputs": _io(probe.graph.outputs), "target_info": info}
+        return target.load(where, manifest)
+
+    return verify_build(
+        model, target, lambda: target.load(folder, read_manifest(folder)), samples,
+        build_probe=build_probe, sample_source=source, artifact=folder,
+    )
 
 
 def compile_model(
@@ -64,11 +86,18 @@ def compile_model(
     report: bool = False,
     log=lambda message: None,
     tuning=None,
+    verify: bool = True,
+    verify_samples: int = 2,
 ) -> CompileResult:
     """Compile ``model`` (modified in place) for ``target`` into ``out_dir``.
 
     Nothing is written unless everything succeeds; ``out_dir`` then holds the
     target's files and ``manifest.json`` (and ``report.json`` with ``report``).
+
+    ``verify`` (default): run the artifact on ``verify_samples`` inputs (calibration samples,
+    else generated ones) against the reference interpreter; the manifest's ``verified``
+    says how it went, and a build that disagrees raises
+    :class:`~qcompiler.verification.VerificationError` (see :mod:`qcompiler.verification`).
 
     ``tuning`` (a :class:`qcompiler.targets.tvm_bridge.tuning.TuningOptions`): tune the kernels with
     MetaSchedule and keep the results in a database; only targets with ``tunable`` take it
@@ -88,6 +117,8 @@ def compile_model(
         calibration=calibration,
         instruments=default_instruments() + list(instruments or []),
         log=log,
+        target=target.capabilities,
+        target_name=target.name,
     )
     if tuning is not None:
         ctx.options["tuning"] = tuning
@@ -98,11 +129,7 @@ def compile_model(
         run_pipeline(full, model, ctx)
         target.check(model)
         target_info = target.build(model, tmp, ctx) or {}
-        _write_qdq_model(tmp, model, ctx)
-        if report:
-            from .report import write_report
-
-            write_report(tmp, model, ctx, target)
+        _write_qdq_model(tmp, model)
         manifest = {
             "target": target.name,
             "target_spec": str(target),
@@ -116,5 +143,15 @@ def compile_model(
             "target_info": target_info,
             "tuning": target_info.pop("tuning", None) if tuning is not None else None,
         }
+        write_manifest(tmp, manifest)  # the runner reads it
+        if verify:
+            manifest["verified"] = _verify(model, target, tmp, ctx, verify_samples)
+        else:
+            manifest["verified"] = {"status": "not-run", "reason": "verification was turned off (--no-verify)"}
+        ctx.report["verified"] = manifest["verified"]
+        if report:
+            from .report import write_report
+
+            write_report(tmp, model, ctx, target)
         write_manifest(tmp, manifest)
     return CompileResult(Path(out_dir), json.loads((Path(out_dir) / "manifest.json").read_text()), ctx, model)

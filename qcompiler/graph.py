@@ -27,6 +27,21 @@ def get_stage(model: ir.Model) -> str:
     return model.metadata_props.get(STAGE_KEY, "float")
 
 
+def detect_stage(model: ir.Model) -> str:
+    """The stage a model without a recorded one is at: ``integer`` if it has integer ops
+    (qcompiler's or a plugin's), ``fakequant`` if it has QuantizeLinear/DequantizeLinear
+    (a QDQ model from any quantizer), else ``float``."""
+    from .integer import get_op
+
+    stage = "float"
+    for node in model.graph:
+        if get_op(node.domain, node.op_type) is not None:
+            return "integer"
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
+            stage = "fakequant"
+    return stage
+
+
 def set_stage(model: ir.Model, stage: str) -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")

@@ -2,9 +2,9 @@
 
 Standard ONNX ops run with ``onnx.reference`` (the ONNX project's own executable
 specification); a few kernels are replaced where that implementation is wrong or
-where qcompiler compiles for inference (see :data:`KERNELS`), and the ops of the
-``qcompiler`` domain (integer requantize, softmax, ...) are defined here by their
-kernels. Every target is checked bit-exactly against this interpreter.
+where qcompiler compiles for inference (see :data:`KERNELS`), and the integer ops
+(``qcompiler`` domain and plugins) run their decompositions in numpy
+(:mod:`qcompiler.integer`). Every target is checked bit-exactly against this interpreter.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from onnx.reference.ops.op_max_pool import MaxPool as _OnnxMaxPool
 from onnx.reference.ops.op_quantize_linear import QuantizeLinear_25, _reshape_input
 
 from .errors import InputError
+from .integer import exact_int_matmul, reference_kernels
 
 #: (domain, op_type) -> OpRun class; overrides ``onnx.reference`` for that op.
 KERNELS: dict[tuple[str, str], type[OpRun]] = {}
@@ -103,10 +104,31 @@ class QuantizeLinear(QuantizeLinear_25):
         return (np.clip(ratio, info.min, info.max).astype(dtype),)
 
 
+def kernels() -> list[type[OpRun]]:
+    """Every kernel the interpreter adds to ``onnx.reference``: the overrides of
+    :data:`KERNELS` and the integer ops' decompositions."""
+    return list(KERNELS.values()) + reference_kernels()
+
+
 def _to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     return ir.to_proto(model)
+
+
+@register_kernel
+class MatMulInteger(OpRun):
+    """Exact, BLAS-speed MatMulInteger (see :func:`qcompiler.integer.exact_int_matmul`)."""
+
+    def _run(self, a, b, a_zero_point=None, b_zero_point=None):
+        za = np.zeros((), np.int64) if a_zero_point is None else np.asarray(a_zero_point, np.int64)
+        zb = np.zeros((), np.int64) if b_zero_point is None else np.asarray(b_zero_point, np.int64)
+        if za.ndim == 1 and za.size > 1:  # per row
+            za = za.reshape(-1, 1)
+        if zb.ndim == 1 and zb.size > 1:  # per column
+            zb = zb.reshape((1,) * (np.ndim(b) - 1) + (-1,))
+        acc = exact_int_matmul(np.asarray(a, np.int64) - za, np.asarray(b, np.int64) - zb)
+        return (acc.astype(np.int32),)
 
 
 class ReferenceInterpreter:
@@ -116,9 +138,6 @@ class ReferenceInterpreter:
     """
 
     def __init__(self, model: ir.Model | onnx.ModelProto):
-        # Import for the side effect of registering qcompiler-domain kernels.
-        from . import intops  # noqa: F401
-
         proto = _to_proto(model)
         self._graph = proto.graph
         initializers = {init.name for init in proto.graph.initializer}
@@ -126,7 +145,7 @@ class ReferenceInterpreter:
             vi.name: vi for vi in proto.graph.input if vi.name not in initializers
         }
         self.output_names = [vi.name for vi in proto.graph.output]
-        self._evaluator = ReferenceEvaluator(proto, new_ops=list(KERNELS.values()))
+        self._evaluator = ReferenceEvaluator(proto, new_ops=kernels())
 
     @property
     def input_names(self) -> list[str]:

@@ -33,18 +33,9 @@ Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan
 ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Where Xor
 """
 
-#: Operators of qcompiler's own domain; their semantics live in ``qcompiler.kernels``.
-QC_OPS = frozenset({
-    "Requantize", "IntAdd", "IntMul", "IntMatMul", "IntLookup", "IntSoftmax", "IntGELU", "IntLayerNorm",
-})
-
-#: domain -> op types the importer accepts.
-SUPPORTED_OPS: dict[str, frozenset[str]] = {
-    "": frozenset(_DEFAULT_DOMAIN_OPS.split()),
-    QC_DOMAIN: QC_OPS,
-}
+#: Standard (default-domain) op types the importer accepts. Integer ops (the ``qcompiler``
+#: domain and plugins' domains) are whatever :mod:`qcompiler.integer` has registered.
+SUPPORTED_OPS: dict[str, frozenset[str]] = {"": frozenset(_DEFAULT_DOMAIN_OPS.split())}
 
 
-def is_supported(domain: str, op_type: str) -> bool:
-    domain = "" if domain == "ai.onnx" else domain
-    return op_type in SUPPORTED_OPS.get(domain, ())
+

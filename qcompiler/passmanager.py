@@ -71,10 +71,12 @@ class PassContext:
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     log: Callable[[str], None] = lambda message: None
     results: list[PassResult] = dataclasses.field(default_factory=list)
-    #: Models saved by passes for the artifact, e.g. ``"fakequant"``: the QDQ model before lowering.
-    snapshots: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: Things the user should know that do not stop the compile (the CLI prints them).
     warnings: list[str] = dataclasses.field(default_factory=list)
+    #: What the target being compiled for executes (None outside a compile): quantizing
+    #: passes plan formats it takes instead of leaving it something to refuse.
+    target: Any = None
+    target_name: str = ""
     _analyses: dict[Any, Any] = dataclasses.field(default_factory=dict)
     _samples: list[dict[str, np.ndarray]] | None = None
 
@@ -120,29 +122,57 @@ class PassContext:
 
 def _random_feeds(model: ir.Model, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Seeded inputs that stay in range: normal floats; integer inputs that index a
-    constant table (token ids into an embedding) uniform over its rows; other
-    integers (masks, flags) ones."""
-    from .graph import const_array
+    table (token ids into an embedding, possibly through casts and reshapes) uniform over
+    its rows; 8- and 16-bit integers (quantized data) uniform over their type; other
+    integers and bools (masks, flags) ones."""
+    from .graph import index_input_ranges
 
+    ranges = index_input_ranges(model)
     feeds = {}
-    inputs = {v.name: v for v in model.graph.inputs}
     for spec in input_specs(model):
         if spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
-            continue
-        high = None
-        for use in inputs[spec.name].uses():
-            node = use.node
-            if node.op_type == "Gather" and use.idx == 1:
-                table = const_array(node.inputs[0])
-                if table is not None:
-                    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
-                    high = table.shape[axis]
-        if high:
-            feeds[spec.name] = rng.integers(0, high, spec.shape).astype(spec.dtype)
+        elif spec.name in ranges:
+            feeds[spec.name] = rng.integers(0, ranges[spec.name][1] + 1, spec.shape).astype(spec.dtype)
+        elif spec.dtype.kind in "iu" and spec.dtype.itemsize <= 2:
+            info = np.iinfo(spec.dtype)
+            feeds[spec.name] = rng.integers(info.min, info.max, spec.shape, endpoint=True).astype(spec.dtype)
         else:
             feeds[spec.name] = np.ones(spec.shape, dtype=spec.dtype)
     return feeds
+
+
+def check_pipeline(pipeline: Pipeline, model: ir.Model) -> None:
+    """Refuse, before anything runs, a pipeline whose passes meet a model at a stage they do
+    not take, or need a fact (:data:`qcompiler.qstate.FACTS`) neither the model nor an
+    earlier pass provides; the message names the pass that provides it."""
+    from . import qstate
+
+    stage = get_stage(model)
+    facts = qstate.model_facts(model)
+    for p in pipeline:
+        if stage not in p.stages:
+            raise PipelineError(
+                f"pass '{p.name}' works on the {' or '.join(p.stages)} stage, but the model is at "
+                f"the {stage} stage here"
+            )
+        missing = [fact for fact in p.requires if fact not in facts]
+        if missing:
+            fact = missing[0]
+            raise PipelineError(f"pass '{p.name}' needs {qstate.FACTS.get(fact, fact)}, which {_providers(fact)}")
+        facts |= set(p.provides)
+        if p.produces:
+            stage = p.produces
+
+
+def _providers(fact: str) -> str:
+    from .pipeline import default_registry
+
+    names = [f"'{cls.name}'" for cls in default_registry() if fact in cls.provides]
+    if not names:
+        return "no installed pass provides"
+    return (f"{' or '.join(names)} provides: run it earlier in the pipeline, or compile a fake-quant model "
+            "saved with it (model.qdq.onnx with model.qdq.float.onnx beside it)")
 
 
 def run_pipeline(
@@ -152,6 +182,7 @@ def run_pipeline(
     ctx = ctx or PassContext()
     if not isinstance(pipeline, Pipeline):
         pipeline = Pipeline(list(pipeline))
+    check_pipeline(pipeline, model)
     for instrument in ctx.instruments:
         instrument.before_pipeline(pipeline, model, ctx)
     for p in pipeline:

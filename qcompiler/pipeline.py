@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 
 from .errors import PipelineError
 from .graph import STAGES
+from .plugins import PASS_GROUP, load_entry_points
 
 # -- passes and options -------------------------------------------------------------
 
@@ -80,6 +81,10 @@ class Pass(Configurable):
     preserves_numerics: ClassVar[bool] = True
     #: Names of analyses that stay valid after this pass changes the model.
     preserves_analyses: ClassVar[frozenset[str]] = frozenset()
+    #: Facts (:data:`qcompiler.qstate.FACTS`) the pass needs from the model or an earlier pass.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: Facts the pass leaves in the model for later passes (and later compiles).
+    provides: ClassVar[tuple[str, ...]] = ()
 
     def run(self, model, ctx) -> bool:  # pragma: no cover - abstract
         """Transform ``model`` in place; return True if anything changed."""
@@ -231,9 +236,8 @@ class PassRegistry(Registry):
 
 
 def default_registry() -> PassRegistry:
-    from .plugins import load_passes
-
-    return PassRegistry(load_passes())
+    """Every installed pass (built-ins and plugins, through the ``qcompiler.passes`` entry points)."""
+    return PassRegistry(load_entry_points(PASS_GROUP, Pass))
 
 
 # -- pipelines -----------------------------------------------------------------------

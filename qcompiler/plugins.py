@@ -1,16 +1,17 @@
-"""Discover passes and targets through entry points (built-ins use the same groups).
+"""Discover passes, targets and integer ops through entry points (built-ins use the same groups).
 
 A plugin package declares, in its ``pyproject.toml``::
 
     [project.entry-points."qcompiler.passes"]
     my-pass = "my_package.module:MyPass"
 
-A plugin that fails to import is an error naming the entry point, never skipped.
+A plugin that fails to load is an error naming the entry point, never skipped. Entry
+points are read when asked for (no process-wide cache): a registry is an ordinary object
+(:class:`qcompiler.pipeline.PassRegistry`, :class:`qcompiler.target.TargetRegistry`).
 """
 
 from __future__ import annotations
 
-import functools
 from importlib.metadata import entry_points
 
 from .errors import UserError
@@ -23,7 +24,9 @@ class PluginError(UserError):
     """An installed plugin could not be loaded."""
 
 
-def _load(group: str, base: type) -> dict[str, type]:
+def load_entry_points(group: str, base: type) -> dict[str, type]:
+    """``name → class`` of every entry point of ``group``; each must be a ``base`` subclass
+    whose ``name`` is the entry point's."""
     found: dict[str, type] = {}
     for ep in entry_points(group=group):
         source = f"entry point '{ep.name} = {ep.value}'"
@@ -41,17 +44,3 @@ def _load(group: str, base: type) -> dict[str, type]:
             raise PluginError(f"{source}: another plugin already registered '{ep.name}'")
         found[ep.name] = cls
     return found
-
-
-@functools.cache
-def load_passes() -> dict[str, type]:
-    from .pipeline import Pass
-
-    return _load(PASS_GROUP, Pass)
-
-
-@functools.cache
-def load_targets() -> dict[str, type]:
-    from .target import Target
-
-    return _load(TARGET_GROUP, Target)

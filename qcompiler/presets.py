@@ -53,6 +53,42 @@ PRESETS: dict[str, Preset] = {
 DATA_FREE_DEFAULT = "weights-int8"
 
 
+def for_stage(spec: str, stage: str):
+    """The passes of a preset that apply to a model already at ``stage`` (a saved stage
+    compiled again, e.g. ``model.qdq.onnx``): passes for earlier stages are left out."""
+    from .pipeline import Pipeline
+
+    kept = []
+    for p in Pipeline.parse(spec):
+        if stage in p.stages:
+            kept.append(p)
+            stage = p.produces or stage
+    return Pipeline(kept)
+
+
+def choose(preset: str | None, pipeline: str | None, stage: str, has_calibration: bool):
+    """``(Pipeline, note)`` from ``--pipeline``/``--preset`` and what the model is. Without
+    either: ``w8a8`` with calibration data, else data-free ``weights-int8``, for a float
+    model; the rest of ``w8a8`` (cleanup and lowering) for a fake-quant one; cleanup for an
+    integer one. A preset meets a later-stage model with the passes that apply to it."""
+    from .pipeline import Pipeline
+
+    if pipeline is not None:
+        return Pipeline.parse(pipeline), None
+    if preset is None:
+        name = {"fakequant": "w8a8", "integer": "float"}.get(stage) or ("w8a8" if has_calibration else DATA_FREE_DEFAULT)
+    else:
+        name = preset
+    chosen = get_preset(name)
+    if stage == "float":
+        if chosen.needs_calibration and not has_calibration:
+            raise PipelineError(f"preset '{chosen.name}' needs calibration data: pass --calib DATA")
+        note = None if preset else f"no --preset given: using '{chosen.name}' ({chosen.summary})"
+        return Pipeline.parse(chosen.spec), note
+    trimmed = for_stage(chosen.spec, stage)
+    return trimmed, f"the model is at the {stage} stage: running '{trimmed}' of preset '{chosen.name}'"
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]

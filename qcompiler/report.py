@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from . import qstate
 from .graph import get_stage
 from .instruments import sqnr_db
 
@@ -51,10 +52,10 @@ def _measure(model: ir.Model, ctx) -> dict:
     """Output SQNR of every quantized tensor and of the model outputs, against float."""
     from .interpreter import ReferenceInterpreter
 
-    float_proto = ctx.snapshots.get("float")
+    float_proto = qstate.float_reference(model)
     if float_proto is None or ctx.calibration is None:
         return {}
-    fake = ctx.snapshots.get("fakequant")
+    fake = qstate.fakequant_snapshot(model)
     fake_model = fake if fake is not None else (ir.to_proto(model) if get_stage(model) == "fakequant" else None)
     samples = ctx.sample_inputs(model, REPORT_SAMPLES)
     float_run = ReferenceInterpreter(float_proto)

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from .calibdata import InputSpec
 from .errors import InputError, TargetError
 from .pipeline import Configurable, Registry
+from .plugins import TARGET_GROUP, load_entry_points
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,25 @@ class Capabilities:
     runs_float: bool = True
     #: Runs on this machine (else ``load()`` gives a runner that explains why not).
     runnable_here: bool = True
+    #: Weights must be symmetric (zero point 0).
+    symmetric_weights: bool = False
+
+    def fit_weights(self, fmt):
+        """``(format, note)``: the weight format this target takes closest to ``fmt`` (the
+        granularity it has, the nearest width it has, symmetric if it must be); ``note``
+        says what changed (None if nothing did)."""
+        changes = {}
+        if fmt.granularity not in self.granularities:
+            changes["granularity"] = "per-channel" if "per-channel" in self.granularities else "per-tensor"
+        if fmt.bits not in self.weight_bits:
+            wider = sorted(b for b in self.weight_bits if b > fmt.bits)
+            changes["bits"] = wider[0] if wider else max(self.weight_bits)
+        if self.symmetric_weights and not fmt.symmetric:
+            changes["symmetric"] = True
+        if not changes:
+            return fmt, None
+        fitted = dataclasses.replace(fmt, **changes)
+        return fitted, f"{fitted} instead of {fmt}"
 
     def describe(self) -> str:
         parts = ["integer-only" if self.integer_only else "float and integer"]
@@ -127,9 +147,8 @@ class TargetRegistry(Registry):
 
 
 def default_targets() -> TargetRegistry:
-    from .plugins import load_targets
-
-    return TargetRegistry(load_targets())
+    """Every installed target (built-ins and plugins, through the ``qcompiler.targets`` entry points)."""
+    return TargetRegistry(load_entry_points(TARGET_GROUP, Target))
 
 
 def io_specs(entries: list[dict]) -> list[InputSpec]:

@@ -6,7 +6,7 @@ import onnx
 import onnx_ir as ir
 
 from .graph import node_label
-from .opset import is_supported
+from .integer import is_supported
 
 
 class VerificationError(Exception):

@@ -1,8 +1,9 @@
 """What the ``arm-neon`` target needs outside Python: the aarch64 cross toolchain, qemu-user,
 and the aarch64 TVM runtime libraries (from the registry's aarch64 wheels, cached).
 
-Cache folder: ``$QCOMPILER_CACHE`` or ``~/.cache/qcompiler``. ``.ci/system-packages``
-fills it; :func:`runtime_libraries` fetches it with pip on first use otherwise.
+Cache folder: ``$QCOMPILER_CACHE`` or ``~/.cache/qcompiler``. ``qcompile --setup arm-neon``
+(:func:`setup`) installs the system packages and fills it; :func:`runtime_libraries`
+fetches the runtime with pip on first use otherwise.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ QEMU = "qemu-aarch64"
 SYSROOT = "/usr/aarch64-linux-gnu"
 PLATFORM = "manylinux_2_28_aarch64"
 _WHEEL_LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
-SETUP_HINT = (
-    "install it with: apt-get install qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu "
-    "libc6-arm64-cross (or run .ci/system-packages)"
-)
+#: Debian packages of the cross toolchain, the emulator and the guest's libc.
+PACKAGES = ("qemu-user", "gcc-aarch64-linux-gnu", "g++-aarch64-linux-gnu", "binutils-aarch64-linux-gnu", "libc6-arm64-cross")
+SETUP_HINT = "install them with: qcompile --setup arm-neon (apt-get install " + " ".join(PACKAGES) + ")"
 
 
 def cache_dir() -> Path:
@@ -70,7 +70,7 @@ def runtime_libraries(fetch: bool = True) -> Path:
     if all(p.is_file() for p in wanted):
         return folder
     if not fetch:
-        raise TargetError(f"the aarch64 TVM runtime libraries are not in {folder}; run .ci/system-packages")
+        raise TargetError(f"the aarch64 TVM runtime libraries are not in {folder}; run qcompile --setup arm-neon")
     _fetch(folder)
     return folder
 
@@ -93,6 +93,28 @@ def _fetch(folder: Path) -> None:
                         part = folder / (Path(member).name + ".part")
                         part.write_bytes(archive.read(member))
                         part.replace(folder / Path(member).name)
+
+
+def setup(log=print) -> None:
+    """Install what arm-neon needs: the Debian packages (apt-get, through sudo when not
+    root) and the aarch64 TVM runtime libraries; checks the result."""
+    if missing_tools(run=True):
+        apt = shutil.which("apt-get")
+        if apt is None:
+            raise TargetError(f"arm-neon needs {', '.join(missing_tools(run=True))}; this system has no apt-get: "
+                              f"install the equivalents of {' '.join(PACKAGES)}")
+        prefix = [] if os.geteuid() == 0 else (["sudo"] if shutil.which("sudo") else None)
+        if prefix is None:
+            raise TargetError(f"installing {' '.join(PACKAGES)} needs root (no sudo here)")
+        log(f"arm-neon: installing {' '.join(PACKAGES)}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in ([*prefix, apt, "update", "-qq"], [*prefix, apt, "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise TargetError(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()[-300:]}")
+    folder = runtime_libraries(fetch=True)
+    require_tools(run=True)
+    log(f"arm-neon: ready (cross toolchain, qemu-aarch64, aarch64 TVM runtime in {folder})")
 
 
 def ffi_include_dir() -> Path:

@@ -26,10 +26,10 @@ import onnx_ir as ir
 
 from qcompiler.errors import TargetError
 from qcompiler.pipeline import option
-from qcompiler.target import Capabilities, Runner, Target, io_specs
+from qcompiler.target import Capabilities, Runner, io_specs
 
 from . import aarch64_toolchain as tc
-from .host import LIBRARY, write_readme
+from .tvm_target import LIBRARY, TVMTarget
 
 RUNNER = "vm_runner"
 DOT_MNEMONICS = ("sdot", "udot", "usdot", "smmla", "ummla", "usmmla")
@@ -142,7 +142,7 @@ def _describe_failure(done: subprocess.CompletedProcess, cpu: str) -> str:
 
 
 @dataclass(frozen=True)
-class ArmNeonTarget(Target):
+class ArmNeonTarget(TVMTarget):
     """aarch64 Linux with NEON (+dotprod, +i8mm options); native runner, checked under qemu."""
 
     name = "arm-neon"
@@ -162,20 +162,23 @@ class ArmNeonTarget(Target):
             "opt-level": LLVM_OPT_LEVEL,
         }
 
-    def build(self, model: ir.Model, out_dir: Path, ctx) -> dict:
+    def int8_dot(self, target: dict) -> str:
+        return "sdot" if self.dotprod else "neon"
+
+    def prepare(self) -> None:
+        tc.require_tools(run=False)
+
+    def export(self, executable, out_dir: Path) -> None:
         from . import tvm_bridge
 
-        tc.require_tools(run=False)
-        runner = tc.native_runner()
-        target = self.tvm_target()
-        mod, lowering = tvm_bridge.lower_with_report(model, int8_dot="sdot" if self.dotprod else "neon")
-        executable = tvm_bridge.compile(mod, target)
         tvm_bridge.export(executable, out_dir / LIBRARY, cc=tc.CXX)
-        shutil.copyfile(runner, out_dir / RUNNER)
+        shutil.copyfile(tc.native_runner(), out_dir / RUNNER)
         os.chmod(out_dir / RUNNER, 0o755)
         (out_dir / "lib").mkdir()
         for lib in sorted(tc.runtime_libraries().glob("*.so")):
             shutil.copyfile(lib, out_dir / "lib" / lib.name)
+
+    def describe(self, model: ir.Model, out_dir: Path, executable, target: dict, lowering: dict):
         kernels = tc.kernel_functions(out_dir / LIBRARY)
         counts = tc.count_instructions(out_dir / LIBRARY, DOT_MNEMONICS)
         per_kernel = {k: counts.get(k, {}) for k in kernels}
@@ -187,25 +190,20 @@ class ArmNeonTarget(Target):
             k: v for k, v in per_kernel.items()
             if any(w in k for w in ("dense", "matmul", "conv")) and _kernel_name(k) not in int8
         }
-        extra = _DEVICE_README.format(
+        readme = _DEVICE_README.format(
             features=", ".join(self.features()), sysroot=tc.SYSROOT, cpu=default_qemu_cpu(self.features())
         )
-        write_readme(out_dir, self.name, LIBRARY, target, model, extra)
         return {
-            "library": LIBRARY,
             "runner": RUNNER,
             "runtime": [f"lib/{p.name}" for p in sorted((out_dir / "lib").iterdir())],
-            "tvm_target": target,
             "features": self.features(),
-            "int8_dot_kernel": "sdot" if self.dotprod else "neon",
             "int8_matmul_kernels": int8,
             "matmul_kernel_sdot": {name: entry.get("sdot", 0) for name, entry in int8.items()},
-            "int8_matmul_fallback": lowering["int8_matmul_fallback"],
             "other_matmul_kernels": other,
             "dot_instructions": per_kernel,
             "sdot_total": sum(c.get("sdot", 0) for c in per_kernel.values()),
             "smmla_total": sum(c.get("smmla", 0) for c in per_kernel.values()),
-        }
+        }, readme
 
     @classmethod
     def load(cls, out_dir: Path, manifest: dict) -> Runner:

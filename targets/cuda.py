@@ -23,9 +23,9 @@ import onnx_ir as ir
 
 from qcompiler.errors import TargetError
 from qcompiler.pipeline import option
-from qcompiler.target import Capabilities, Runner, Target, io_specs
+from qcompiler.target import Capabilities, Runner, io_specs
 
-from .host import LIBRARY, write_readme
+from .tvm_target import TVMTarget
 
 SOURCE = "model.cu"
 #: int8 instructions searched for in PTX (``dp4a.s32.s32``, ``mma.sync...s8``) and SASS.
@@ -111,7 +111,7 @@ class CudaRunner(Runner):
 
 
 @dataclass(frozen=True)
-class CudaTarget(Target):
+class CudaTarget(TVMTarget):
     """NVIDIA GPU (sm_80 / sm_90) with dlight schedules; CUDA source + library in the artifact."""
 
     name = "cuda"
@@ -122,27 +122,20 @@ class CudaTarget(Target):
     def tvm_target(self) -> dict:
         return {"kind": "cuda", "arch": self.arch}
 
-    def build(self, model: ir.Model, out_dir: Path, ctx) -> dict:
+    gpu = True
+
+    def describe(self, model: ir.Model, out_dir: Path, executable, target: dict, lowering: dict):
         from . import tvm_bridge
 
-        target = self.tvm_target()
-        executable = tvm_bridge.compile(tvm_bridge.lower(model), target, gpu_schedules=True)
         kinds = tvm_bridge.module_kinds(executable)
         if "cuda" not in kinds:
             raise TargetError(f"the cuda build produced no CUDA module (modules: {kinds}): code fell back to the host")
         source = tvm_bridge.device_source(executable, "cuda")
         (out_dir / SOURCE).write_text(source)
-        tvm_bridge.export(executable, out_dir / LIBRARY)
-        write_readme(out_dir, self.name, LIBRARY, target, model, _README_GPU.format(arch=self.arch))
-        info = {
-            "library": LIBRARY,
-            "source": SOURCE,
-            "tvm_target": target,
-            "kernels": len(re.findall(r"__global__", source)),
-        }
+        info = {"source": SOURCE, "kernels": len(re.findall(r"__global__", source))}
         if shutil.which("nvcc") is not None:
             info["nvcc"] = nvcc_instructions(out_dir / SOURCE, self.arch, work=out_dir.parent)
-        return info
+        return info, _README_GPU.format(arch=self.arch)
 
     @classmethod
     def load(cls, out_dir: Path, manifest: dict) -> Runner:

@@ -25,13 +25,17 @@ import onnx_ir as ir
 
 from qcompiler.errors import TargetError
 from qcompiler.graph import node_label
+from qcompiler.integer import get_op
 from qcompiler.pipeline import option
 from qcompiler.target import Capabilities, Runner, Target, io_specs
 
 from .fpga_resources import LAYER_CONTROL_LUTS, PARTS, dsp_per_multiplier, memory_cost, utilisation
 from .hls_analysis import ALIAS_OPS, analyse
-from .hls_c import BufferPool, Layer, LayerRecord, Program, identifier
+from .hls_c import Layer, identifier
+from .hls_program import BufferPool, LayerRecord, Program
+from . import hls_movement  # noqa: F401 - registers the pooling and data-movement emitters
 from .hls_ops import EMITTERS, HELPERS
+from .hls_render import render_integer_op
 
 SOURCES = ("qc_model.c", "qc_tb.c")
 BINARY = "qc_sim"
@@ -83,7 +87,7 @@ def generate(model: ir.Model, unroll: int, spec: str = "fpga-sim") -> Program:
                 program.storage[outputs[0].name] = storage_of(node.inputs[0].name)
             program.records.append(LayerRecord(index, node, kind))
             continue
-        emit = EMITTERS.get(_kind(node))
+        emit = _emitter(node)
         if emit is None:
             raise _fail(f"{node_label(node)}: op type {'.'.join(p for p in _kind(node) if p)} is not supported")
         layer = Layer(program, index, node)
@@ -100,6 +104,16 @@ def generate(model: ir.Model, unroll: int, spec: str = "fpga-sim") -> Program:
         if value.name not in program.storage:
             program.storage[value.name] = storage_of(value.name)
     return program
+
+
+def _emitter(node: ir.Node):
+    """The C emitter of a node: a hand-written one (standard ops, the integer matmul), else
+    the rendering of an integer op's decomposition."""
+    emit = EMITTERS.get(_kind(node))
+    if emit is not None:
+        return emit
+    op = get_op(*_kind(node))
+    return None if op is None else (lambda layer: render_integer_op(layer, op))
 
 
 def _node_kind(node: ir.Node, tensors) -> str:
@@ -262,6 +276,7 @@ class FpgaSimTarget(Target):
         granularities=frozenset({"per-tensor", "per-channel"}),
         runs_float=False,
         runnable_here=True,
+        symmetric_weights=True,
     )
 
     unroll: int = option(1, "parallel lanes per loop: UNROLL and ARRAY_PARTITION factors (scales DSP/LUT/BRAM, divides cycles)")
@@ -278,7 +293,7 @@ class FpgaSimTarget(Target):
         super().check(model)
         tensors = analyse(model)
         for node in model.graph:
-            if _node_kind(node, tensors) == "layer" and _kind(node) not in EMITTERS:
+            if _node_kind(node, tensors) == "layer" and _emitter(node) is None:
                 kind = ".".join(p for p in _kind(node) if p)
                 raise _fail(f"{node_label(node)}: op type {kind} is not supported")
 

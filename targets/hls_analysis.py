@@ -16,7 +16,8 @@ from onnx.reference import ReferenceEvaluator
 
 from qcompiler.errors import TargetError
 from qcompiler.graph import node_label, static_shape
-from qcompiler.interpreter import KERNELS
+from qcompiler.integer import DecompositionError
+from qcompiler.interpreter import kernels
 
 from .hls_c import CTYPES, Tensor
 
@@ -46,7 +47,7 @@ def storage(array: np.ndarray, what: str) -> tuple[np.ndarray, int]:
 
 def _evaluate(node: ir.Node, feeds: dict[str, np.ndarray], opsets: dict[str, int]) -> list[np.ndarray]:
     proto = ir.serde.serialize_node(node)
-    evaluator = ReferenceEvaluator(proto, opsets=opsets, new_ops=list(KERNELS.values()))
+    evaluator = ReferenceEvaluator(proto, opsets=opsets, new_ops=kernels())
     return evaluator.run(None, {name: feeds[name] for name in evaluator.input_names if name})
 
 
@@ -83,6 +84,8 @@ def analyse(model: ir.Model) -> dict[str, Tensor]:
         constant = node.op_type in SHAPE_OPS or all(tensors[name].is_const for name in names)
         try:
             results = _evaluate(node, feeds, opsets)
+        except DecompositionError as exc:  # an integer op that cannot exist with these inputs
+            raise _fail(f"{node_label(node)}: {exc}") from None
         except Exception as exc:  # the reference cannot run it on stand-ins: try a shape rule
             results = _fallback(node, feeds)
             if results is None or constant:
@@ -103,7 +106,7 @@ def _fallback(node: ir.Node, feeds: dict[str, np.ndarray]) -> list[np.ndarray] |
     """Stand-in outputs where the reference kernel fails (integer MaxPool with stride 1)."""
     if node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx"):
         return None
-    from .hls_ops import maxpool_geometry
+    from .hls_movement import maxpool_geometry
 
     x = feeds[node.inputs[0].name]
     attrs = {name: attr.value for name, attr in node.attributes.items()}

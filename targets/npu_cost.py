@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.graph import const_array
+from qcompiler.integer import get_op
 from qcompiler.opset import QC_DOMAIN
 
 
@@ -51,12 +52,14 @@ def _lookup(table, a_bits: int, w_bits: int) -> float:
     return dict(table).get(key, dict(table)[(16, 16)])
 
 
-#: Vector operations per output element of each elementwise/normalising op.
+#: Vector operations per output element of the standard elementwise ops (integer ops are
+#: charged by the primitives of their decompositions: :func:`integer_op_work`).
 _VECTOR_OPS = {
-    "Requantize": 5, "IntAdd": 6, "IntMul": 6, "IntLookup": 1, "IntSoftmax": 14, "IntGELU": 9,
-    "IntLayerNorm": 10, "Add": 1, "Cast": 1, "Where": 1, "Equal": 1, "Less": 1, "Greater": 1,
+    "Add": 1, "Cast": 1, "Where": 1, "Equal": 1, "Less": 1, "Greater": 1,
     "And": 1, "Or": 1, "Not": 1, "QuantizeLinear": 4, "DequantizeLinear": 2,
 }
+#: Vector operations of an integer square root (a digit-by-digit loop: 32 steps of ~6 ops).
+ISQRT_OPS = 32 * 6
 #: Ops that only change metadata (no data moves).
 _VIEWS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Constant", "Shape", "Dropout"})
 _MATMULS = frozenset({"MatMulInteger", "IntMatMul"})
@@ -97,6 +100,37 @@ def value_info(model: ir.Model) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {name: (tuple(np.shape(a)), np.asarray(a).dtype) for name, a in arrays.items()}
 
 
+def integer_op_work(node: ir.Node, op, info) -> tuple[int, int]:
+    """``(macs, vector_ops)`` of an integer op, from the primitives of its decomposition:
+    each element-wise primitive once per element it produces, each reduction once per
+    element it reads, square roots at :data:`ISQRT_OPS`, matmul products as MACs."""
+    from qcompiler.integer import TensorInfo, reachable
+
+    infos = []
+    for value in node.inputs:
+        if value is None or not value.name or value.name not in info:
+            infos.append(None)
+            continue
+        shape, dtype = info[value.name]
+        infos.append(TensorInfo(tuple(shape), np.dtype(dtype), const_array(value)))
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    _, outputs = op.trace(infos, attrs)
+    macs = vector = 0
+    for prim in reachable(outputs):
+        size = math.prod(prim.shape)
+        if prim.op in ("input", "const", "bound", "cast"):
+            continue
+        if prim.op == "matmul":
+            macs += size * prim.args[0].shape[-1]
+        elif prim.op in ("sum", "rmax"):
+            vector += math.prod(prim.args[0].shape)
+        elif prim.op == "isqrt":
+            vector += size * ISQRT_OPS
+        else:
+            vector += size
+    return macs, vector
+
+
 def layer_cost(node: ir.Node, info, spec: NpuSpec) -> dict | None:
     """Cost of one node, or None for a pure view (reshape and friends)."""
     op = node.op_type
@@ -116,6 +150,7 @@ def layer_cost(node: ir.Node, info, spec: NpuSpec) -> dict | None:
     out_elems = sum(math.prod(shape(o)) for o in outs)
     macs = 0
     a_bits = w_bits = 8
+    integer_op = get_op(node.domain, op)
     if op in _MATMULS or op == "ConvInteger":
         a, b = node.inputs[0], node.inputs[1]
         a_bits, w_bits = _bits(info[a.name][1]), _bits(info[b.name][1])
@@ -125,13 +160,13 @@ def layer_cost(node: ir.Node, info, spec: NpuSpec) -> dict | None:
         else:
             macs = out_elems * shape(a)[-1]
     vector_ops = out_elems * _VECTOR_OPS.get(op, 0)
-    if op == "ReduceSum":
+    if integer_op is not None and op not in _MATMULS:
+        macs, vector_ops = integer_op_work(node, integer_op, info)
+    elif op == "ReduceSum":
         vector_ops = math.prod(shape(node.inputs[0]))
     elif op in ("MaxPool", "AveragePool"):
         kernel = node.attributes.get_ints("kernel_shape", [1])
         vector_ops = out_elems * math.prod(kernel)
-    elif op == "IntLayerNorm":
-        vector_ops += (out_elems // max(1, shape(node.inputs[0])[-1])) * 32 * 6  # integer square root per row
     weight_bytes = sum(nbytes(v) for v in node.inputs if v is not None and const_array(v) is not None and _is_weight(node, v))
     if op in _GATHERS and node.inputs and const_array(node.inputs[0]) is not None:
         weight_bytes = sum(nbytes(o) for o in outs)  # a table lookup fetches only the rows it returns

@@ -21,11 +21,12 @@ import onnx_ir as ir
 
 from qcompiler.errors import TargetError
 from qcompiler.graph import const_array, node_label
+from qcompiler.integer import get_op
 from qcompiler.opset import QC_DOMAIN
 from qcompiler.pipeline import option
-from qcompiler.target import Capabilities, Runner, Target
+from qcompiler.target import Capabilities
 
-from .host import LIBRARY, TVMRunner, write_readme
+from .tvm_target import TVMTarget
 from .npu_cost import NpuSpec, estimate_cost, value_info
 
 __all__ = ["NpuSimTarget", "NpuSpec", "estimate_cost", "npu_violation"]
@@ -33,11 +34,9 @@ __all__ = ["NpuSimTarget", "NpuSpec", "estimate_cost", "npu_violation"]
 COST_FILE = "cost.json"
 
 _ACCUMULATE = {("", "MatMulInteger"), ("", "ConvInteger"), (QC_DOMAIN, "IntMatMul")}
-_VECTOR = {
-    ("", "Add"), ("", "ReduceSum"), ("", "Cast"), ("", "MaxPool"),
-    (QC_DOMAIN, "Requantize"), (QC_DOMAIN, "IntAdd"), (QC_DOMAIN, "IntMul"), (QC_DOMAIN, "IntLookup"),
-    (QC_DOMAIN, "IntSoftmax"), (QC_DOMAIN, "IntGELU"), (QC_DOMAIN, "IntLayerNorm"),
-}
+#: Standard ops of the vector unit (every integer op other than the matmul is one too:
+#: its decomposition is fixed-point vector arithmetic).
+_VECTOR = {("", "Add"), ("", "ReduceSum"), ("", "Cast"), ("", "MaxPool")}
 _MOVE = {("", op) for op in (
     "Reshape Transpose Squeeze Unsqueeze Flatten Concat Split Slice Gather GatherElements GatherND "
     "Expand Where Pad Equal Less Greater And Or Not Identity Constant Shape Dropout"
@@ -122,7 +121,8 @@ def npu_violation(node: ir.Node, info: dict | None = None, acc48: bool = True) -
 
     key = ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
     label = node_label(node)
-    if key not in _ACCUMULATE | _VECTOR | _MOVE | _BOUNDARY:
+    vector = key in _VECTOR or (get_op(*key) is not None and key not in _ACCUMULATE)
+    if key not in _ACCUMULATE | _MOVE | _BOUNDARY and not vector:
         return f"{label} is not an NPU operation (integer matmul/conv, fixed-point vector ops and data movement only)"
     ins = node.inputs
     if key == ("", "QuantizeLinear"):
@@ -171,7 +171,7 @@ def npu_violation(node: ir.Node, info: dict | None = None, acc48: bool = True) -
 
 
 @dataclass(frozen=True)
-class NpuSimTarget(Target):
+class NpuSimTarget(TVMTarget):
     """Simulated mobile NPU (integer-only, per-tensor activations); bit-exact run + cost model."""
 
     name = "npu-sim"
@@ -181,6 +181,7 @@ class NpuSimTarget(Target):
         activation_bits=frozenset({8, 16}),
         granularities=frozenset({"per-tensor", "per-channel"}),
         runs_float=False,
+        symmetric_weights=True,
     )
 
     acc48: bool = option(True, "16-bit-activation matmuls may accumulate in 48 bits (TOSA 16x8 mode); false: int32 only")
@@ -193,21 +194,16 @@ class NpuSimTarget(Target):
             if problem is not None:
                 raise TargetError(f"target '{self.name}': {problem}")
 
-    def build(self, model: ir.Model, out_dir: Path, ctx) -> dict:
+    def tvm_target(self) -> dict:
         from . import tvm_bridge
 
-        target = {"kind": "llvm", "mtriple": tvm_bridge.host_triple(), "mcpu": "x86-64", "opt-level": tvm_bridge.LLVM_OPT_LEVEL}
-        executable = tvm_bridge.compile(tvm_bridge.lower(model), target)
-        tvm_bridge.export(executable, out_dir / LIBRARY)
+        return {"kind": "llvm", "mtriple": tvm_bridge.host_triple(), "mcpu": "x86-64", "opt-level": tvm_bridge.LLVM_OPT_LEVEL}
+
+    def describe(self, model: ir.Model, out_dir: Path, executable, target: dict, lowering: dict):
         cost = estimate_cost(model)
         (out_dir / COST_FILE).write_text(json.dumps(cost, indent=2, sort_keys=True) + "\n")
-        extra = (
+        readme = (
             f"\n`{COST_FILE}`: the NPU cost model's per-layer cycles, bytes moved and energy "
             f"(total {cost['total']['cycles']} cycles, {cost['total']['energy_uj']} uJ).\n"
         )
-        write_readme(out_dir, self.name, LIBRARY, target, model, extra)
-        return {"library": LIBRARY, "tvm_target": target, "cost": COST_FILE, "cost_total": cost["total"]}
-
-    @classmethod
-    def load(cls, out_dir: Path, manifest: dict) -> Runner:
-        return TVMRunner(out_dir / manifest["target_info"]["library"], manifest)
+        return {"cost": COST_FILE, "cost_total": cost["total"]}, readme

@@ -21,6 +21,9 @@ from conftest import run_cli
 from qcompiler.presets import PRESETS
 from qcompiler.target import default_targets
 
+#: Slow lane: every target built twice.
+pytestmark = pytest.mark.slow
+
 #: Targets the determinism requirement names (issue 6), plus whatever is registered.
 EXPECTED_TARGETS = ("reference", "host", "npu-sim")
 REGISTERED = {cls.name: cls for cls in default_targets()}

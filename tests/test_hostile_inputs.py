@@ -181,6 +181,7 @@ def cli_runs(tmp_path_factory) -> dict[str, CliRun]:
         return dict(pool.map(one, CLI_CASES))
 
 
+@pytest.mark.slow  # one qcompile subprocess per case
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
 def test_cli(case: corpus.Case, cli_runs):
     run = cli_runs[case.id]

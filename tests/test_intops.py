@@ -8,14 +8,14 @@ from onnx import TensorProto, helper
 
 from builders import init, tensor
 from qcompiler.interpreter import ReferenceInterpreter
-from qcompiler.intops import requantize, rounding_right_shift
+from qcompiler.intops import requantize, rshift_round
 from qcompiler.opset import QC_DOMAIN
 
 
 def test_rounding_right_shift_rounds_half_up():
     x = np.array([-5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5])
-    np.testing.assert_array_equal(rounding_right_shift(x, 1), [-2, -2, -1, -1, 0, 0, 1, 1, 2, 2, 3])
-    np.testing.assert_array_equal(rounding_right_shift(x, 0), x)
+    np.testing.assert_array_equal(rshift_round(x, 1), [-2, -2, -1, -1, 0, 0, 1, 1, 2, 2, 3])
+    np.testing.assert_array_equal(rshift_round(x, 0), x)
 
 
 def test_requantize_matches_exact_rational_arithmetic():

@@ -18,7 +18,7 @@ from onnx.backend.test.loader import load_model_tests
 
 from qcompiler.interpreter import ReferenceInterpreter
 from qcompiler.onnx_import import import_proto
-from qcompiler.opset import is_supported
+from qcompiler.integer import is_supported
 
 #: Node tests excluded although their ops are supported: test-name regex -> reason.
 EXCLUDED = {

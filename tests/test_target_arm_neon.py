@@ -16,10 +16,13 @@ from qcompiler.target import default_targets
 from qcompiler.targets import aarch64_toolchain as tc
 from qcompiler.targets.arm_neon import QemuRunner
 
-pytestmark = pytest.mark.skipif(
-    bool(tc.missing_tools(run=True)),
-    reason=f"aarch64 toolchain absent ({', '.join(tc.missing_tools(run=True))}); {tc.SETUP_HINT}",
-)
+pytestmark = [
+    pytest.mark.slow,  # cross compiles and qemu
+    pytest.mark.skipif(
+        bool(tc.missing_tools(run=True)),
+        reason=f"aarch64 toolchain absent ({', '.join(tc.missing_tools(run=True))}); {tc.SETUP_HINT}",
+    ),
+]
 
 
 def wide_int8_mlp() -> tm.ir.Model:
@@ -149,3 +152,10 @@ def test_missing_runner_tools_give_a_clear_error(arm_builds, monkeypatch):
     runner = qcompiler.load(arm_builds / "mlp-neon")
     with pytest.raises(TargetError, match="needs qemu-aarch64-not-installed"):
         runner.run(tm.random_feeds(GRAPHS["mlp-neon"][1]()))
+
+
+def test_setup_command_reports_a_ready_toolchain(cli):
+    """``qcompile --setup arm-neon`` installs what is missing (apt-get, the aarch64 runtime) and checks it."""
+    result = cli("--setup", "arm-neon")
+    assert result.returncode == 0, result.stderr
+    assert "arm-neon: ready (cross toolchain, qemu-aarch64, aarch64 TVM runtime in" in result.stdout

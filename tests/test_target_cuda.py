@@ -19,6 +19,9 @@ from qcompiler.target import default_targets
 from qcompiler.targets import cuda as cuda_target
 from qcompiler.targets import tvm_bridge
 
+#: Slow lane: CUDA builds and nvcc.
+pytestmark = pytest.mark.slow
+
 BUILDS = {
     "attention-sm90": ("cuda", lambda: tm.attention_block("lut", act16=False, softmax_out=np.int8)),
     "mlp-sm80": ("cuda{arch=sm_80}", tm.quantized_mlp),

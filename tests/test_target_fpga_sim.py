@@ -414,7 +414,7 @@ def test_unsupported_ops_are_refused_naming_node_and_op(tmp_path):
 
     g = Graph()
     x = g.input("x", [2, 8], I16)
-    g.output(g.qc("IntSoftmax", [x, g.const(np.int16(0)), g.const(np.uint8(0))], variant="lut", output_scale=1 / 256), U8)
+    g.output(g.qc("IntSoftmax", [x, g.const(np.int16(0)), g.const(np.uint8(0))], variant="lut", output_scale=1 / 256), U8, [2, 8])
     with pytest.raises(TargetError, match=r"\(qcompiler.IntSoftmax\): variant 'lut' needs 8-bit inputs"):
         compile_fpga(g.model(), tmp_path / "b")
 

@@ -15,6 +15,7 @@ from builders import mlp, save
 from qcompiler.errors import TargetError
 from qcompiler.pipeline import Pipeline, parse_one
 from qcompiler.target import default_targets
+from qcompiler.targets.tvm_bridge.kernels import vnni
 
 INTEGER_GRAPHS = {
     "mlp": tm.quantized_mlp,
@@ -251,7 +252,7 @@ def test_fused_kernels_are_scheduled_for_the_cpu():
         fused = tvm_bridge.fuse(mod)
     kernels = [g.name_hint for g, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     with tvm.target.Target(_host_tvm_target()):
-        scheduled = tvm_bridge._schedule_cpu(fused)
+        scheduled = tvm_bridge.schedule_cpu(fused)
     marked = [g.name_hint for g, f in scheduled.functions.items()
               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and tvm_bridge.SCHEDULED in f.attrs]
     assert kernels and len(marked) == len(kernels), sorted(set(kernels) - set(marked))
@@ -294,7 +295,7 @@ def _fused_and_scheduled(model):
 
     mod = tvm_bridge.lower(model, int8_dot="vnni")
     with tvm.transform.PassContext(opt_level=3), tvm.target.Target(_host_tvm_target()):
-        return tvm_bridge.schedule_dot_kernels(tvm_bridge.fuse(mod))
+        return vnni.schedule_dot_kernels(tvm_bridge.fuse(mod))
 
 
 def _dot_kernels(mod) -> dict:
@@ -304,7 +305,7 @@ def _dot_kernels(mod) -> dict:
 
     return {
         g.name_hint: f for g, f in mod.functions.items()
-        if isinstance(f, tvm.tirx.PrimFunc) and tvm_bridge.has_dot_block(f) and g.name_hint.startswith("fused_")
+        if isinstance(f, tvm.tirx.PrimFunc) and vnni.has_dot_block(f) and g.name_hint.startswith("fused_")
     }
 
 
@@ -458,7 +459,7 @@ def test_row_statistics_are_computed_once_per_row_not_per_element(tmp_path):
              name="add", a_multiplier=3, b_multiplier=5, shift=3)
     model = g.model([(s, TensorProto.INT8, [3, 5, d])])
     with tvm.transform.PassContext(opt_level=3), tvm.target.Target(_host_tvm_target()):
-        mod = tvm_bridge._schedule_cpu(tvm_bridge.fuse(tvm_bridge.lower(model)))
+        mod = tvm_bridge.schedule_cpu(tvm_bridge.fuse(tvm_bridge.lower(model)))
     kernels = {g.name_hint: f for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     normalise = [f for f in kernels.values() if "sqrt" in f.script()]
     assert len(normalise) == 1, sorted(kernels)
@@ -504,7 +505,7 @@ def test_vnni_tile_leaves_registers_for_the_epilogue_constants(tmp_path):
         (kernel,) = _dot_kernels(_fused_and_scheduled(m)).values()
         rows, groups = tiles[gelu] = _register_tile(kernel)
         scalars = sum(all(d == 1 for d in shape) for shape, _ in _parameters(kernel))
-        assert rows * groups + rows + groups + scalars <= tvm_bridge._ZMM_REGISTERS, (gelu, rows, groups, scalars)
+        assert rows * groups + rows + groups + scalars <= vnni._ZMM_REGISTERS, (gelu, rows, groups, scalars)
         feeds = {"x": np.random.default_rng(2).integers(-128, 128, (1, 8, 64), dtype=np.int8)}
         build("host", m, tmp_path / f"gelu{gelu}")
         np.testing.assert_array_equal(qcompiler.load(tmp_path / f"gelu{gelu}").run(feeds)[y], tm.reference(m, feeds)[y])

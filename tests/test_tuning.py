@@ -21,6 +21,9 @@ from qcompiler.pipeline import Pipeline, parse_one
 from qcompiler.target import default_targets
 from qcompiler.targets.tvm_bridge import tuning
 
+#: Slow lane: tuning starts MetaSchedule, which imports TVM's tensor-intrinsic library.
+pytestmark = pytest.mark.slow
+
 TRIALS = 8
 
 

@@ -108,7 +108,7 @@ class Tuner:
         import tvm
         from tvm.s_tir import meta_schedule as ms
 
-        from . import SCHEDULED, _fast_tvmscript
+        from .common import SCHEDULED
 
         start = time.perf_counter()
         folder = self.options.folder / target_key(target)
@@ -127,7 +127,7 @@ class Tuner:
         error = None
         if missing and self.options.trials > 0:
             try:
-                with target, _fast_tvmscript():
+                with target:
                     trials = self._tune(missing, target, database, folder)
             except Exception as exc:  # noqa: BLE001 - the records saved so far are still used
                 error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
@@ -295,10 +295,10 @@ def _default_schedule(mod, target):
     """The kernel as qcompiler schedules it without tuning."""
     import tvm
 
-    from . import _cpu_kernel_schedule, _fast_tvmscript
+    from .schedules import cpu_kernel_schedule
 
-    with target, _fast_tvmscript():
-        func = _cpu_kernel_schedule(mod["main"])
+    with target:
+        func = cpu_kernel_schedule(mod["main"])
     return tvm.IRModule({"main": func}) if func is not None else mod
 
 

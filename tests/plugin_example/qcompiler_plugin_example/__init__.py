@@ -1,1 +1,1 @@
-"""An example qcompiler plugin: one pass, registered through the entry point."""
+"""Example qcompiler plugins: a pass, an integer op and a target, registered through entry points."""
