@@ -72,12 +72,15 @@ class IntSoftmax(IntegerOp):
     I-BERT's shift + second-order polynomial ('ibert'), by shift + linear interpolation ('linear',
     HyQ-style) or by a 256-entry table for 8-bit inputs ('lut'); P = floor(e * 2^16 / sum(e))
     (probability with 16 fraction bits); y = clamp(rshift_round(P * M, k) + y_zero_point) with
-    M / 2^k = 2^-16 / output_scale."""
+    M / 2^k = 2^-16 / output_scale. With a mask (bool, broadcast to x), positions where it is
+    false take no part in the max and the sum and get probability exactly 0 (y = y_zero_point),
+    whatever their scores: an exact attention mask."""
 
     op_type = "IntSoftmax"
     inputs = (
         Input("x", Q_TYPES), Input("x_zero_point", Q_TYPES, constant=True),
         Input("y_zero_point", Q_TYPES, "gives the output type", constant=True),
+        Input("mask", ("tensor(bool)",), "true where a position takes part (optional)", optional=True),
     )
     outputs = (Output("y", Q_TYPES),)
     attributes = (
@@ -90,6 +93,8 @@ class IntSoftmax(IntegerOp):
     @classmethod
     def examples(cls, rng):
         x8 = rng.integers(-128, 128, (2, 3, 12)).astype(np.int8)
+        causal = np.tril(np.ones((3, 12), bool), k=8)  # [query, key]: the first row sees 9 keys, ...
+        causal[2, :] = False  # a row with nothing to attend to: all zeros
         x16 = rng.integers(-4000, 4000, (2, 12)).astype(np.int16)
         return [
             *(Example((x8, np.int8(0), np.uint8(0)), {"input_scale": 0.06, "output_scale": 1 / 256, "variant": v}, name=v)
@@ -97,11 +102,13 @@ class IntSoftmax(IntegerOp):
             Example((x16, np.int16(0), np.int16(0)), {"input_scale": 0.002, "output_scale": 1 / 32767, "variant": "linear"},
                     name="int16"),
             Example((x8, np.int8(0), np.int8(-128)), {"input_scale": 0.06, "output_scale": 1 / 256, "axis": 1}, name="middle-axis"),
+            *(Example((x8, np.int8(0), np.uint8(0), causal), {"input_scale": 0.06, "output_scale": 1 / 256, "variant": v},
+                      name=f"causal-{v}") for v in VARIANTS),
         ]
 
     @classmethod
     def decompose(cls, b, inputs, attrs):
-        x, _, zy = inputs
+        x, _, zy, keep = inputs
         variant = attrs["variant"]
         if variant == "lut" and x.storage.itemsize != 1:
             raise DecompositionError("variant 'lut' needs 8-bit inputs")
@@ -109,8 +116,15 @@ class IntSoftmax(IntegerOp):
             raise DecompositionError(f"y_zero_point must be per-tensor, it has {zy.value.size} values")
         axis = int(attrs["axis"]) % max(len(x.shape), 1)
         c = softmax_constants(attrs["input_scale"], attrs["output_scale"])
-        d = b.bound(x - b.rmax(x, axis), x.lo - x.hi, 0)  # x − max x ≤ 0
-        e = exponent(b, d, variant, c, attrs["input_scale"])
+        if keep is None:
+            d = b.bound(x - b.rmax(x, axis), x.lo - x.hi, 0)  # x − max x ≤ 0
+            e = exponent(b, d, variant, c, attrs["input_scale"])
+        else:  # masked positions: out of the max, e = 0
+            if keep.dtype != "bool":
+                raise DecompositionError("the mask must be a bool tensor")
+            top = b.rmax(b.where(keep, x, x.lo), axis)
+            d = b.bound(b.where(keep, x - top, x.lo - x.hi), x.lo - x.hi, 0)
+            e = b.where(keep, exponent(b, d, variant, c, attrs["input_scale"]), 0)
         total = b.maximum(b.sum(e, axis), 1)
         prob = b.bound(b.floordiv(e << SOFTMAX_FRAC_BITS, total), 0, 1 << SOFTMAX_FRAC_BITS)
         y = b.rshift_round(prob * c.out_multiplier, c.out_shift) + zy

@@ -32,7 +32,9 @@ def int_softmax(lo: Lowerer, node: ir.Node):
     max, ``e = exp(x − max)`` by the variant's integer formula, the row's sum, and the
     normalised, requantized output; marked out-element-wise fusable, so that Relax fuses
     the element-wise ops that follow (a requantize, the next matmul's sign flip) into it.
-    (As Relax ops it made four kernels: each reduction ends a fused group.)"""
+    (As Relax ops it made four kernels: each reduction ends a fused group.) A mask input
+    (bool, broadcast to x) keeps masked positions out of the max and the sum; they get
+    probability 0, as the decomposition says."""
     from tvm import te, tirx
 
     x = lo.expr(node.inputs[0])
@@ -87,10 +89,33 @@ def int_softmax(lo: Lowerer, node: ir.Node):
     else:
         raise TargetError(f"{node_label(node)}: unknown IntSoftmax variant {variant!r}")
     e_max = _softmax_exp_bound(variant, c, span)
+    keep = None
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        mask = lo.expr(node.inputs[3])
+        mask_shape = lo.shape(mask)
+        if lo.dtype(mask) != "bool" or len(mask_shape) > len(shape):
+            raise TargetError(f"{node_label(node)}: the mask must be a bool tensor broadcast to the scores")
+        ms = te.placeholder(extents(*mask_shape), "bool", name="mask")
+        params.append(ms)
+        args.append(mask)
+        pad = len(shape) - len(mask_shape)
+
+        def keep(index):  # numpy broadcasting: size-1 mask axes read index 0
+            return ms[tuple(tirx.const(0, "int64") if d == 1 else index[pad + a] for a, d in enumerate(mask_shape))]
+
+    def score(index):  # masked scores are the type's minimum: out of the max
+        value = xs[index].astype("int64")
+        return value if keep is None else tirx.if_then_else(keep(index), value, i64(in_min))
+
+    def exponent(*i):
+        value = exp_of(tirx.min(xs[i].astype("int64") - row_max[row_of(i)], i64(0)) if keep is not None
+                       else xs[i].astype("int64") - row_max[row_of(i)])
+        return value if keep is None else tirx.if_then_else(keep(i), value, i64(0))
+
     rows = extents(*shape[:axis], *shape[axis + 1:])
     k = te.reduce_axis((tirx.const(0, "int64"), tirx.const(n, "int64")), name="k")
-    row_max = te.compute(rows, lambda *r: te.max(xs[full(r, k)].astype("int64"), axis=k), name="row_max")
-    e = te.compute(extents(*shape), lambda *i: exp_of(xs[i].astype("int64") - row_max[row_of(i)]), name="row_exp")
+    row_max = te.compute(rows, lambda *r: te.max(score(full(r, k)), axis=k), name="row_max")
+    e = te.compute(extents(*shape), exponent, name="row_exp")
     k2 = te.reduce_axis((tirx.const(0, "int64"), tirx.const(n, "int64")), name="k2")
     row_sum = te.compute(rows, lambda *r: te.sum(e[full(r, k2)], axis=k2), name="row_sum")
 
