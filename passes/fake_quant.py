@@ -31,6 +31,7 @@ from qcompiler.qdq import (
     BOUNDED_RANGES, TRANSPARENT_OPS, input_derived, insert_qdq, is_float, linear_group,
 )
 from qcompiler.quant import QFormat, qparams
+from qcompiler.passes.exact_masks import is_mask_select
 from qcompiler.passes.weight_quant import quantize_weights
 
 #: A tensor whose most negative value exceeds the other operand's range by this factor
@@ -230,6 +231,8 @@ class InsertFakeQuant(Pass):
             if vid in internal or value.name not in stats:
                 continue
             users = [u.node for u in value.uses()]
+            if value.producer() is not None and is_mask_select(value.producer()):
+                continue  # an exact mask select: lowered with its softmax (exact-masks)
             if vid in derived and not value.is_graph_output() and all(
                 all(id(o) in derived for o in u.outputs) for u in users
             ):

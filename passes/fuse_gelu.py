@@ -22,7 +22,7 @@ from onnxscript.rewriter._pattern_ir import Constant, OrValue
 
 from qcompiler.graph import ensure_opset
 from qcompiler.pipeline import Pass
-from qcompiler.rewriter import MatchResult, PatternRewriter, Rule
+from qcompiler.rewriter import MatchResult, PatternRewriter, Rule, matches
 
 GELU_OPSET = 20
 SQRT2 = math.sqrt(2.0)
@@ -107,7 +107,7 @@ class FuseGelu(Pass):
 
     def run(self, model: ir.Model, ctx) -> bool:
         rules = gelu_rules()
-        if not _any_match(model, rules):
+        if not matches(model, rules, ("Mul", "Div")):
             return False
         ensure_opset(model, GELU_OPSET)
         stats = PatternRewriter(rules).apply(model)
@@ -119,11 +119,3 @@ class FuseGelu(Pass):
         ctx.report["fuse_gelu"]["tanh"] += by_form["tanh"]
         ctx.log(f"fuse-gelu: {by_form['none']} erf and {by_form['tanh']} tanh GELU(s) fused")
         return stats.total > 0
-
-
-def _any_match(model: ir.Model, rules) -> bool:
-    """Whether some rule fires (without changing the model: the opset upgrade waits for this)."""
-    for node in model.graph:
-        if node.op_type in ("Mul", "Div") and any(rule.try_rewrite(model, model.graph, node) is not None for rule in rules):
-            return True
-    return False

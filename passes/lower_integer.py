@@ -35,6 +35,7 @@ from qcompiler import intops, qstate
 from qcompiler.graph import const_array, ensure_qc_opset, node_label
 from qcompiler.opset import QC_DOMAIN
 from qcompiler.pipeline import Pass, option
+from qcompiler.passes.exact_masks import is_mask_select
 from qcompiler.passes.lower_nonlinear import _ELEMENTWISE_TABLES, NonlinearLowering
 from qcompiler.passes.lowering_common import QT, Builder as _Builder, Refuse as _Refuse, shape_of as _shape
 from qcompiler.qdq import TRANSPARENT_OPS, constant_value as _dequantized_constant, is_float, linear_group, qdq_source
@@ -70,6 +71,7 @@ class LowerInteger(Pass):
                 continue
             lowering.lower(node)
         _drop_redundant_qdq(model)
+        model.graph.sort()  # dead-code removal walks the graph backwards: in topological order
         ir_common.RemoveUnusedNodesPass()(model)
         report = ctx.report
         report["integer_lowering"] = {
@@ -122,6 +124,8 @@ class _Lowering(NonlinearLowering):
     def lower(self, node: ir.Node) -> None:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or node.domain not in ("", "ai.onnx"):
             return
+        if is_mask_select(node):
+            return  # lowered with the softmax it feeds
         if id(node) in self.done:
             return
         group = linear_group(node)
@@ -343,12 +347,7 @@ class _Lowering(NonlinearLowering):
         a, b = self.qin(node.inputs[0]), self.qin(node.inputs[1])
         shape = _shape(node.outputs[0])
         if a is not None and b is not None:
-            real = a.s * b.s / out.s
-            span = self._range(a) * self._range(b)
-            pre = max(0, int(span).bit_length() - 31)
-            m, k = intops.fixed_point(real * 2.0**pre, 31)
-            inputs = [a.value, self.b.const("a_zero_point", a.zero), b.value, self.b.const("b_zero_point", b.zero), self.b.const("y_zero_point", out.zero)]
-            return self.b.node("IntMul", inputs, {"multiplier": m, "shift": k, "pre_shift": pre}, dtype=out.dtype, shape=shape, domain=QC_DOMAIN)
+            return self._int_mul(a, b, out, shape)
         x, c_value = (a, node.inputs[1]) if a is not None else (b, node.inputs[0])
         c = _dequantized_constant(c_value)
         if x is None or c is None:
@@ -362,16 +361,34 @@ class _Lowering(NonlinearLowering):
             return None
         return self._scale_by(x, 1.0 / c, out, _shape(node.outputs[0]))
 
+    def _int_mul(self, a: QT, b: QT, out: QT, shape):
+        """``IntMul``: the product of two quantized tensors (a pre-shift keeps it below 2^31)."""
+        real = a.s * b.s / out.s
+        span = self._range(a) * self._range(b)
+        pre = max(0, int(span).bit_length() - 31)
+        m, k = intops.fixed_point(real * 2.0**pre, 31)
+        inputs = [a.value, self.b.const("a_zero_point", a.zero), b.value, self.b.const("b_zero_point", b.zero), self.b.const("y_zero_point", out.zero)]
+        return self.b.node("IntMul", inputs, {"multiplier": m, "shift": k, "pre_shift": pre}, dtype=out.dtype, shape=shape, domain=QC_DOMAIN)
+
     def _scale_by(self, x: QT, c: np.ndarray, out: QT, shape):
+        """``x · c`` for a constant ``c``: a requantize when ``c`` is a scalar or varies along one
+        axis; else (RoPE's cos/sin tables vary along positions and channels) an integer product
+        with ``c`` quantized to int16 (symmetric, per tensor: error ≤ max|c| / 65534)."""
         c = np.asarray(c, np.float64)
         if c.size == 1:
             return self.requantize(x.value, x.s * float(c.reshape(-1)[0]) / out.s, out, x_zero=x.zero, shape=shape)
-        rank = len(shape)
+        if shape is None and x.value.shape is not None:
+            shape = list(np.broadcast_shapes(tuple(x.value.shape), c.shape))
+        rank = len(shape) if shape is not None else None
         squeezed = [i for i, d in enumerate(c.shape) if d != 1]
-        if len(squeezed) != 1:
-            return None
-        axis = squeezed[0] + rank - c.ndim
-        return self.requantize(x.value, x.s * c.reshape(-1) / out.s, out, x_zero=x.zero, axis=axis, shape=shape)
+        if rank is not None and len(squeezed) == 1 and rank >= c.ndim:
+            axis = squeezed[0] + rank - c.ndim
+            return self.requantize(x.value, x.s * c.reshape(-1) / out.s, out, x_zero=x.zero, axis=axis, shape=shape)
+        peak = float(np.max(np.abs(c), initial=0.0)) or 1.0
+        c_scale = peak / 32767.0
+        c_q = np.clip(np.round(c / c_scale), -32767, 32767).astype(np.int16)
+        constant = QT(self.b.const("factor_q", c_q), np.float32(c_scale), np.int16(0))
+        return self._int_mul(x, constant, out, shape)
 
     def _op_Relu(self, node, out):
         x = self.qin(node.inputs[0])

@@ -14,6 +14,9 @@ from qcompiler import intops
 from qcompiler.opset import QC_DOMAIN
 from qcompiler.qdq import constant_value as _dequantized_constant
 
+from qcompiler.integer.ops.rmsnorm import IntRMSNorm, rmsnorm_constants, rmsnorm_reference, sigma_frac_bits
+
+from .exact_masks import is_mask_select
 from .lowering_common import QT, Refuse as _Refuse, shape_of as _shape
 
 _INT8 = (np.dtype(np.int8), np.dtype(np.uint8))
@@ -39,7 +42,12 @@ class NonlinearLowering:
     from the lowering)."""
 
     def _op_Softmax(self, node: ir.Node, out: QT):
-        x = self.qin(node.inputs[0])
+        keep = None
+        source = node.inputs[0]
+        select = source.producer()
+        if select is not None and is_mask_select(select):  # exact mask (exact-masks): probability 0 where masked
+            keep, source = select.inputs[0], select.inputs[1]
+        x = self.qin(source)
         if x is None:
             return None
         axis = node.attributes["axis"].as_int() if "axis" in node.attributes else -1
@@ -51,6 +59,8 @@ class NonlinearLowering:
         variant = self._pick("Softmax", node, x, out, choices, lambda v, q: intops.int_softmax(q, x.zero, out.zero, x.s, out.s, -1, v),
                              lambda f: _softmax(f))
         inputs = [x.value, self.b.const("x_zero_point", x.zero), self.b.const("y_zero_point", out.zero)]
+        if keep is not None:
+            inputs.append(keep)
         return self.b.node("IntSoftmax", inputs, {"input_scale": x.s, "output_scale": out.s, "axis": axis, "variant": variant},
                            dtype=out.dtype, shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
 
@@ -101,6 +111,30 @@ class NonlinearLowering:
                   self.b.const("ln_multiplier", mult.astype(np.int64)), self.b.const("ln_bias", bias.astype(np.int64))]
         return self.b.node("IntLayerNorm", inputs, {"shift": int(k), "eps_q": int(eps_q), "axis": -1},
                            dtype=out.dtype, shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
+
+    def _op_RMSNormalization(self, node: ir.Node, out: QT):
+        x = self.qin(node.inputs[0])
+        if x is None:
+            return None
+        rank = len(node.inputs[0].shape)
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else -1
+        if axis not in (-1, rank - 1):
+            raise _Refuse("RMSNorm over more than the last axis")
+        channels = node.inputs[0].shape[-1]
+        gamma = _dequantized_constant(node.inputs[1])
+        if gamma is None or not isinstance(channels, int):
+            raise _Refuse("RMSNorm scale is not constant")
+        gamma = np.broadcast_to(gamma.reshape(-1), (channels,))
+        eps = node.attributes["epsilon"].as_float() if "epsilon" in node.attributes else 1e-5
+        frac = sigma_frac_bits(channels, np.dtype(x.dtype).itemsize * 8)
+        mult, k, eps_q = rmsnorm_constants(gamma, x.s, out.s, eps, frac)
+        attrs = {"shift": k, "eps_q": eps_q, "sigma_frac_bits": frac}
+        arrays = lambda q: [q, np.asarray(x.zero), np.asarray(out.zero), mult]  # noqa: E731
+        self._measure("RMSNormalization", node, x, out, "integer", lambda q: IntRMSNorm.evaluate(arrays(q), **attrs)[0],
+                      lambda f: rmsnorm_reference(f, gamma, eps), rows=channels)
+        inputs = [x.value, self.b.const("x_zero_point", x.zero), self.b.const("y_zero_point", out.zero),
+                  self.b.const("rms_multiplier", mult.astype(np.int64))]
+        return self.b.node("IntRMSNorm", inputs, attrs, dtype=out.dtype, shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
 
     def _table(self, node: ir.Node, out: QT):
         x = self.qin(node.inputs[0])

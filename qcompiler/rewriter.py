@@ -21,7 +21,7 @@ from onnxscript.rewriter import MatchResult, RewriteRule, RewriteRuleClassBase
 from .errors import RewriteDidNotConverge
 from .graph import NameFactory
 
-__all__ = ["MatchResult", "PatternRewriter", "RewriteStats", "Rule", "RULE_KEY"]
+__all__ = ["MatchResult", "PatternRewriter", "RewriteStats", "Rule", "RULE_KEY", "matches"]
 
 #: Base class for rules (onnxscript's class-based rewrite rule).
 Rule = RewriteRuleClassBase
@@ -38,6 +38,24 @@ class RewriteStats:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+def matches(model: ir.Model, rules: Sequence[RewriteRule], op_types: Sequence[str]) -> bool:
+    """Whether some rule would fire on a node of ``op_types``, without changing the model.
+
+    (A rule's ``try_rewrite`` builds its replacement nodes; those are disconnected again here,
+    so that they leave no uses behind on the values they read.)"""
+    for node in model.graph:
+        if node.op_type not in op_types:
+            continue
+        for rule in rules:
+            delta = rule.try_rewrite(model, model.graph, node)
+            if delta is not None:
+                for new in delta.new_nodes:
+                    for index in range(len(new.inputs)):
+                        new.replace_input_with(index, None)
+                return True
+    return False
 
 
 class PatternRewriter:

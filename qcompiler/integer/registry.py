@@ -182,8 +182,41 @@ class IntegerOp:
             OpSchema.Attribute(a.name, onnx.helper.make_attribute(a.name, a.default), a.doc) for a in cls.attributes
         ]
         doc = (cls.__doc__ or cls.op_type).strip()
-        return OpSchema(cls.op_type, cls.domain, QC_DOMAIN_VERSION, doc, inputs=params, outputs=outputs,
-                        type_constraints=constraints, attributes=attributes)
+        schema = OpSchema(cls.op_type, cls.domain, QC_DOMAIN_VERSION, doc, inputs=params, outputs=outputs,
+                          type_constraints=constraints, attributes=attributes)
+        schema.set_type_and_shape_inference_function(cls._infer_types)
+        return schema
+
+    @classmethod
+    def _infer_types(cls, ctx) -> None:
+        """ONNX shape inference: output types and shapes from a trace of the decomposition
+        (constant inputs must be initializers; otherwise nothing is inferred)."""
+        from onnx import numpy_helper
+
+        try:
+            infos: list[TensorInfo | None] = []
+            for i in range(ctx.get_num_inputs()):
+                if not ctx.has_input(i):
+                    infos.append(None)
+                    continue
+                tensor_type = ctx.get_input_type(i).tensor_type
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+                data = ctx.get_input_data(i)
+                value = numpy_helper.to_array(data) if data is not None else None
+                if any(d is None for d in dims) or not tensor_type.HasField("shape"):
+                    return
+                infos.append(TensorInfo(tuple(dims), onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type), value))
+            attrs = {}
+            for spec in cls.attributes:
+                attr = ctx.get_attribute(spec.name)
+                if attr is not None:
+                    attrs[spec.name] = onnx.helper.get_attribute_value(attr)
+            _, outputs = cls.trace(infos, attrs)
+        except Exception:  # noqa: BLE001 - unknown shapes or constants: leave the outputs to the caller
+            return
+        for i, out in enumerate(outputs[: ctx.get_num_outputs()]):
+            dtype = np.dtype("bool" if out.dtype == "bool" else out.dtype)
+            ctx.set_output_type(i, onnx.helper.make_tensor_type_proto(onnx.helper.np_dtype_to_tensor_dtype(dtype), list(out.shape)))
 
 
 _OPS: dict[tuple[str, str], type[IntegerOp]] = {}
