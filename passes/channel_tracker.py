@@ -16,6 +16,9 @@ their weight rows. The ops that commute here:
   batch axes or on its free axis (rows of ``A``, columns of ``B``):
   ``A·(B·σ) = (A·B)·σ`` — the attention value path ``probs @ V``.
 
+* ``Mul`` by another activation that does not itself carry the scale:
+  ``(x·σ)⊙g = (x⊙g)·σ`` — a gated MLP's ``up`` → ``down`` pair (SwiGLU).
+
 GELU, SiLU, Softmax, LayerNorm, residual ``Add`` of two activations and graph
 outputs do not commute: :func:`trace` refuses with the reason.
 
@@ -120,6 +123,22 @@ def trace(output: ir.Value, ids: np.ndarray, *, relu6: bool = False, shapes: dic
     return chain
 
 
+def _depends_on(value: ir.Value, source: ir.Value, limit: int = 4096) -> bool:
+    """Whether ``value`` is computed from ``source`` (a bounded walk up the graph)."""
+    stack, seen = [value], set()
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if current is source:
+            return True
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        producer = current.producer()
+        if producer is not None:
+            stack.extend(v for v in producer.inputs if v is not None)
+    return len(seen) >= limit  # too far to tell: assume it does
+
+
 def _step(node: ir.Node, index: int, value: ir.Value, ids: np.ndarray, chain: Chain, relu6: bool, shapes):
     """Record what ``node`` does with scaled input ``index``; return ``(output, ids)`` to follow."""
     op = node.op_type
@@ -147,6 +166,8 @@ def _step(node: ir.Node, index: int, value: ir.Value, ids: np.ndarray, chain: Ch
         return out, _pad(ids, out)
     if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
         other = 1 - index
+        if op == "Mul" and const_array(node.inputs[other]) is None and not _depends_on(node.inputs[other], chain.output):
+            return out, _pad(ids, out)  # (x·σ)⊙g = (x⊙g)·σ for an activation g not scaled itself (SwiGLU's up → down)
         if const_array(node.inputs[other]) is None:
             raise Refused(f"{node_label(node)} combines the scaled tensor with another activation")
         if op == "Div" and index == 1:

@@ -127,6 +127,9 @@ class InsertFakeQuant(Pass):
     method: Literal["minmax", "percentile", "mse", "entropy"] = option("mse", "activation range method")
     percentile: float = option(99.99, "percentile for method=percentile")
     wide_below_db: float = option(0.0, "8-bit activations whose estimated SQNR is below this get 16 bits (0: never)")
+    wide_outside_products: bool = option(
+        False, "16-bit activations except where a tensor only feeds matmul/conv operands (MobileQuant's W8A8: "
+        "8-bit products, 16-bit residuals, norms and nonlinear ops)")
     overrides: tuple[str, ...] = option((), "rules SELECTOR=SPEC (op type or node glob = float | a:FMT | w:FMT, joined by +)")
     samples: int = option(0, "calibration samples to use (0: all)")
 
@@ -246,6 +249,10 @@ class InsertFakeQuant(Pass):
             tensor_stats = stats[value.name]
             ranges, how = self._ranges(value, producer, fmt, tensor_stats, derived, stats, plan)
             sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[fmt.bits], 2**fmt.bits)
+            if wide_allowed and fmt.bits == 8 and self.wide_outside_products and not _feeds_only_products(value):
+                fmt = dataclasses.replace(fmt, bits=16)
+                how += " (16 bits: not only a product operand)"
+                sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[16], 2**16)
             if wide_allowed and self.wide_below_db > 0 and fmt.bits == 8 and sqnr < self.wide_below_db:
                 fmt = dataclasses.replace(fmt, bits=16)
                 how += " (widened to 16 bits)"
@@ -295,6 +302,9 @@ class InsertFakeQuant(Pass):
 
     @staticmethod
     def _shared_source(producer: ir.Node | None, plan) -> int | None:
+        guarded = _nan_guarded(producer)
+        if guarded is not None:  # Where(IsNaN(p), 0, p): p itself (0 is representable)
+            return id(guarded) if id(guarded) in plan else None
         if producer is None or producer.op_type not in TRANSPARENT_OPS or not producer.inputs:
             return None
         data = producer.inputs[0]
@@ -315,6 +325,38 @@ class InsertFakeQuant(Pass):
                     return mask
         return None
 
+
+
+_PRODUCTS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+
+
+def _nan_guarded(node: ir.Node | None) -> ir.Value | None:
+    """``p`` of a NaN guard ``Where(IsNaN(p), 0, p)`` (what SDPA exports after its softmax), else None."""
+    if node is None or node.op_type != "Where" or len(node.inputs) != 3:
+        return None
+    cond, zero, value = node.inputs
+    check = cond.producer() if cond is not None else None
+    constant = const_array(zero)
+    if check is None or check.op_type != "IsNaN" or check.inputs[0] is not value or constant is None:
+        return None
+    return value if constant.size == 1 and float(constant.reshape(-1)[0]) == 0.0 else None
+
+
+def _feeds_only_products(value: ir.Value, depth: int = 0) -> bool:
+    """Whether every reader of ``value`` (through data movement) is a matmul or conv."""
+    if value.is_graph_output() or depth > 16:
+        return False
+    users = [u.node for u in value.uses()]
+    if not users:
+        return False
+    for node in users:
+        if node.op_type in _PRODUCTS:
+            continue
+        if node.op_type in TRANSPARENT_OPS and node.inputs and node.inputs[0] is value:
+            if all(_feeds_only_products(o, depth + 1) for o in node.outputs):
+                continue
+        return False
+    return True
 
 
 def quantize_biases(model: ir.Model, names: NameFactory | None = None) -> None:

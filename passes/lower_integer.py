@@ -128,6 +128,9 @@ class _Lowering(NonlinearLowering):
             return  # lowered with the softmax it feeds
         if id(node) in self.done:
             return
+        if node.op_type == "Split" and len(node.outputs) > 1:
+            self._split(node)
+            return
         group = linear_group(node)
         if group is not None:
             self.done.update(id(n) for n in (group.bias_add, group.activation) if n is not None)
@@ -390,6 +393,12 @@ class _Lowering(NonlinearLowering):
         constant = QT(self.b.const("factor_q", c_q), np.float32(c_scale), np.int16(0))
         return self._int_mul(x, constant, out, shape)
 
+    def _op_Neg(self, node, out):
+        x = self.qin(node.inputs[0])
+        if x is None:
+            return None
+        return self.requantize(x.value, -x.s / out.s, out, x_zero=x.zero, shape=_shape(node.outputs[0]))
+
     def _op_Relu(self, node, out):
         x = self.qin(node.inputs[0])
         if x is None:
@@ -487,15 +496,62 @@ class _Lowering(NonlinearLowering):
         return self.b.node("Where", [cond, *branches], dtype=out.dtype, shape=_shape(node.outputs[0]), base=node.name)
 
     def _op_GlobalAveragePool(self, node: ir.Node, out: QT):
+        shape = _shape(node.inputs[0])
+        if shape is None:
+            return None
+        return self._mean(node, out, list(range(2, len(shape))), keepdims=True)
+
+    def _op_ReduceMean(self, node: ir.Node, out: QT):
+        shape = _shape(node.inputs[0])
+        if shape is None:
+            return None
+        axes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if axes is None and "axes" in node.attributes:
+            axes = np.asarray(node.attributes["axes"].as_ints())
+        keepdims = node.attributes["keepdims"].as_int() if "keepdims" in node.attributes else 1
+        if axes is None or axes.size == 0:
+            if node.attributes.get_int("noop_with_empty_axes", 0):
+                return None
+            axes = np.arange(len(shape))
+        return self._mean(node, out, sorted({int(a) % len(shape) for a in np.ravel(axes)}), bool(keepdims))
+
+    def _mean(self, node: ir.Node, out: QT, axes: list[int], keepdims: bool):
+        """``mean(x̂) = s·(Σq − N·z) / N``: an int32 (or int64) sum, requantized by ``s / (N·s_out)``."""
         x = self.qin(node.inputs[0])
         shape = _shape(node.inputs[0])
         if x is None or shape is None or not all(isinstance(d, int) for d in shape):
             return None
-        window = int(np.prod(shape[2:]))
-        wide = self.b.node("Cast", [x.value], {"to": ir.DataType.INT32}, dtype=np.int32, shape=shape, base=node.name)
-        axes = self.b.const("axes", np.arange(2, len(shape), dtype=np.int64))
-        total = self.b.node("ReduceSum", [wide, axes], {"keepdims": 1}, dtype=np.int32, shape=_shape(node.outputs[0]), base=node.name)
-        return self.requantize(total, x.s / (out.s * window), out, x_zero=np.int32(window * x.z), shape=_shape(node.outputs[0]))
+        window = int(np.prod([shape[a] for a in axes]))
+        acc = np.int64 if self._range(x) * window >= 2**31 else np.int32
+        wide = self.b.node("Cast", [x.value], {"to": ir.DataType.from_numpy(np.dtype(acc))}, dtype=acc, shape=shape, base=node.name)
+        total = self.b.node("ReduceSum", [wide, self.b.const("axes", np.asarray(axes, np.int64))], {"keepdims": int(keepdims)},
+                            dtype=acc, shape=_shape(node.outputs[0]), base=node.name)
+        return self.requantize(total, x.s / (out.s * window), out, x_zero=np.asarray(window * x.z, acc),
+                               shape=_shape(node.outputs[0]))
+
+    def _split(self, node: ir.Node) -> None:
+        """``Split`` of a quantized tensor: the integer tensor split, each part re-expressed
+        with its output's parameters where they differ."""
+        x = self.qin(node.inputs[0])
+        targets = [self._output_params(v) for v in node.outputs]
+        if x is None or x.axis is not None or any(t is None for t in targets) or any(is_float(v) for v in node.inputs[1:] if v is not None):
+            if any(is_float(o) for o in node.outputs):
+                self.keep(node, "output is not quantized" if x is not None else "no integer form for these inputs")
+            return
+        self.b.anchor = node
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        split = ir.node("Split", [x.value, *node.inputs[1:]], attrs, num_outputs=len(node.outputs), name=self.b.names(f"{node.name}_Split"))
+        for part, value in zip(split.outputs, node.outputs):
+            part.name = self.b.names(f"{value.name}_part")
+            part.dtype = ir.DataType.from_numpy(np.dtype(x.dtype))
+            part.shape = value.shape
+        self.b.graph.insert_before(node, split)
+        for part, value, (q_node, out_qt) in zip(split.outputs, node.outputs, targets):
+            self.b.anchor = q_node
+            result = self.align(QT(part, x.scale, x.zero), out_qt, _shape(value))
+            result.name, q_node.outputs[0].name = q_node.outputs[0].name, self.b.names(f"{q_node.outputs[0].name}_old")
+            q_node.outputs[0].replace_all_uses_with(result, replace_graph_outputs=True)
+        self.lowered += 1
 
 
 def _drop_redundant_qdq(model: ir.Model) -> None:

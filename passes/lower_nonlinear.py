@@ -14,6 +14,7 @@ from qcompiler import intops
 from qcompiler.opset import QC_DOMAIN
 from qcompiler.qdq import constant_value as _dequantized_constant
 
+from qcompiler.integer.ops.interpolate import IntInterpolate, interpolation_table
 from qcompiler.integer.ops.rmsnorm import IntRMSNorm, rmsnorm_constants, rmsnorm_reference, sigma_frac_bits
 
 from .exact_masks import is_mask_select
@@ -140,12 +141,19 @@ class NonlinearLowering:
         x = self.qin(node.inputs[0])
         if x is None or len([v for v in node.inputs if v is not None]) != 1:
             return None
-        if x.dtype not in _INT8:
-            raise _Refuse(f"{node.op_type} on 16-bit input has no integer form (lookup tables need 8-bit inputs)")
         function = _table_function(node)
         if function is None:
             return None
+        if x.dtype not in _INT8:  # a 16-bit input: a table of 257 knots, interpolated
+            return self._interpolate(node, x, out, function)
         return self._lookup(x, out, function, _shape(node.outputs[0]))
+
+    def _interpolate(self, node: ir.Node, x: QT, out: QT, function):
+        table, shift = interpolation_table(function, x.s, x.z, out.s, out.z, x.dtype, out.dtype)
+        self._measure(node.op_type, node, x, out, "interpolated",
+                      lambda q: IntInterpolate.evaluate([q, table], shift=shift)[0], function)
+        return self.b.node("IntInterpolate", [x.value, self.b.const("knots", table)], {"shift": shift},
+                           dtype=out.dtype, shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
 
     def _lut(self, x: QT, out: QT, function) -> np.ndarray:
         lo, hi = intops.int_range(x.dtype)

@@ -1,3 +1,3 @@
 """The built-in integer ops, one module each (importing this package registers them)."""
 
-from . import elementwise, gelu, layernorm, lookup, matmul, rmsnorm, softmax  # noqa: F401
+from . import elementwise, gelu, interpolate, layernorm, lookup, matmul, rmsnorm, softmax  # noqa: F401
