@@ -58,6 +58,7 @@ class _Evaluator:
         self.outputs = [o.name for o in float_proto.graph.output]
         self.reference = [self._select(reference.run(None, s), s) for s in samples]
         self.model = model
+        self._emulator = None
 
     def _select(self, outputs, sample: dict) -> np.ndarray:
         mask = None if self.mask_input is None else np.asarray(sample[self.mask_input]) != 0
@@ -80,9 +81,13 @@ class _Evaluator:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def score(self) -> tuple[float, float]:
-        """``(SQNR dB, noise power)`` of the current model against float."""
-        session = self._session(ir.to_proto(self.model))
-        outs = [self._select(session.run(None, s), s) for s in self.samples]
+        """``(SQNR dB, noise power)`` of the current model against float (one emulation
+        session for every variant: :class:`qcompiler.qdq_emulation.QDQEmulator`)."""
+        if self._emulator is None:
+            from qcompiler.qdq_emulation import QDQEmulator
+
+            self._emulator = QDQEmulator(self.model)
+        outs = [self._select(self._emulator.run(s), s) for s in self.samples]
         ref = np.concatenate(self.reference)
         got = np.concatenate(outs)
         return sqnr_db(ref, got), float(np.mean((ref.astype(np.float64) - got) ** 2))
@@ -233,6 +238,10 @@ class AllocateBits(Pass):
     def _weights(self, model, evaluator: _Evaluator, report, ctx, float_proto) -> bool:
         layers = self._weight_layers(model)
         if not layers:
+            return False
+        if self.budget >= 8.0 and self.max_bytes <= 0:  # no room for 4-bit layers: nothing to measure
+            report["weights"] = [{"node": l.node.name, "params": l.params, "bits": 8} for l in layers]
+            report["average_weight_bits"] = 8.0
             return False
         if self.weight_method == "gptq":
             self._attach_gptq(layers, ctx, float_proto)

@@ -141,3 +141,33 @@ def test_valid_mask_must_name_a_model_input():
     model = to_ir(deep_mlp())
     with pytest.raises(Exception, match="valid_mask names 'attention_mask', which is not a model input"):
         run_pipeline(Pipeline.parse("insert-fake-quant,allocate-bits{valid_mask=attention_mask}"), model, calibrated(model))
+
+
+def test_the_emulator_runs_the_qdq_model_as_onnxruntime_does_for_every_bit_width():
+    """allocate-bits measures through one emulation session (quantization parameters as inputs):
+    it must compute what onnxruntime computes on the QDQ model itself, before and after a change."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from qcompiler import qstate
+    from qcompiler.passes.fake_quant import Assignment
+    from qcompiler.passes.mixed_precision import _ActivationGroup
+    from qcompiler.qdq_emulation import QDQEmulator
+
+    from qcompiler.graph import ensure_opset
+
+    model = to_ir(deep_mlp())
+    run_pipeline(Pipeline.parse("insert-fake-quant"), model, calibrated(model))
+    ensure_opset(model, 21)  # int16 activations
+    emulator = QDQEmulator(model)
+    feeds = {"x": rng(5).standard_normal((1, 32)).astype(np.float32)}
+
+    def ort_run():
+        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    np.testing.assert_allclose(emulator.run(feeds)[0], ort_run()[0], rtol=1e-6, atol=1e-6)
+    plan = qstate.activation_plan(model)
+    q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name in plan)
+    group = _ActivationGroup(q.inputs[0].name, [q], Assignment.from_json(q.inputs[0].name, plan[q.inputs[0].name]))
+    group.set_bits(16)  # the same emulation session sees the new parameters
+    np.testing.assert_allclose(emulator.run(feeds)[0], ort_run()[0], rtol=1e-6, atol=1e-6)
