@@ -380,7 +380,6 @@ def int8_peak(work: Path) -> dict | None:
 
 
 def gemm_model(m: int, k: int, n: int):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
