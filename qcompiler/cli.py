@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--preset", help="named pipeline (see --list-passes)")
     how.add_argument("--pipeline", help="pipeline spec, e.g. 'fold-constants,quantize-weights{format=int4:per-group:32}'")
     parser.add_argument(
+        "--stop-stage", choices=["float", "fakequant", "integer"],
+        help="stop the pipeline once the model reaches this stage (e.g. fakequant: keep the QDQ model; "
+             "compile it again later from model.qdq.onnx)",
+    )
+    parser.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME=DIMS",
         help="pin an input's shape, e.g. input_ids=1x128 (repeatable)",
     )
@@ -178,7 +183,7 @@ def _compile(args, out) -> int:
     from .onnx_import import PICKLE_REFUSAL, PICKLE_SUFFIXES, load_onnx
     from .pipeline import Pipeline, parse_one
     from .graph import get_stage
-    from .presets import choose, get_preset
+    from .presets import choose, get_preset, stop_at
     from .target import default_targets
 
     model_path = Path(args.model)
@@ -213,6 +218,8 @@ def _compile(args, out) -> int:
     pipeline, note = choose(args.preset, args.pipeline, get_stage(model), calibration is not None)
     if note:
         print(f"{PROG}: note: {note}", file=out)
+    if args.stop_stage:
+        pipeline = stop_at(pipeline, get_stage(model), args.stop_stage)
 
     instruments = [inst.Reproducer(args.reproducer_dir)]
     timing = inst.Timing() if args.time_passes else None

@@ -89,6 +89,24 @@ def choose(preset: str | None, pipeline: str | None, stage: str, has_calibration
     return trimmed, f"the model is at the {stage} stage: running '{trimmed}' of preset '{chosen.name}'"
 
 
+def stop_at(pipeline, stage: str, stop: str):
+    """The passes of ``pipeline`` up to the last one that runs while the model is not past
+    ``stop`` (stages in order float → fakequant → integer); refuses a stage already passed."""
+    from .graph import STAGES
+    from .pipeline import Pipeline
+
+    if STAGES.index(stage) > STAGES.index(stop):
+        raise PipelineError(f"the model is already at the {stage} stage, past --stop-stage {stop}")
+    kept = []
+    for p in pipeline:
+        after = p.produces or stage
+        if STAGES.index(after) > STAGES.index(stop):
+            break
+        kept.append(p)
+        stage = after
+    return Pipeline(kept)
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]

@@ -118,3 +118,14 @@ def test_insert_fake_quant_plans_what_the_target_takes(cli, qdq_build, tmp_path)
                  "--pipeline", "insert-fake-quant{weights=int4:per-group:8},lower-integer")
     assert result.returncode == 0, result.stderr
     assert "target 'npu-sim' takes weights as int4:per-channel instead of int4:per-group:8" in result.stderr
+
+
+def test_stop_stage_keeps_the_fake_quant_model(cli, qdq_build, tmp_path):
+    root, calib = qdq_build
+    out = tmp_path / "fq"
+    result = cli(root / "mlp.onnx", "-t", "reference", "-o", out, "--calib", calib, "--preset", "w8a8", "--stop-stage", "fakequant")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "manifest.json").read_text())["stage"] == "fakequant"
+    assert (out / "model.qdq.onnx").exists() and (out / "model.qdq.float.onnx").exists()
+    again = cli(out / "model.qdq.onnx", "-t", "reference", "-o", tmp_path / "x", "--stop-stage", "float")
+    assert again.returncode == 2 and "already at the fakequant stage, past --stop-stage float" in again.stderr
