@@ -2,52 +2,28 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
-import onnxscript.optimizer
 
+from qcompiler.folding import fold_constants
 from qcompiler.graph import const_array, node_label
 from qcompiler.pipeline import Pass, option
 from qcompiler.rewriter import MatchResult, PatternRewriter, Rule
 
-#: Ops constant folding must leave alone: folding a DequantizeLinear of a quantized
-#: weight would silently turn it back into a float weight.
-_NEVER_FOLD = {("", "QuantizeLinear"), ("", "DequantizeLinear"), ("", "DynamicQuantizeLinear")}
-
 
 @dataclass(frozen=True)
 class FoldConstants(Pass):
-    """Evaluate nodes whose inputs are all constant (and shapes that are static)."""
+    """Evaluate nodes whose inputs are all constant (and shapes that are static); see
+    :mod:`qcompiler.folding` for what is never folded."""
 
     name = "fold-constants"
     max_elements: int = option(1 << 22, "largest tensor (elements) folding may create or read")
 
     def run(self, model: ir.Model, ctx) -> bool:
-        def should_fold(node: ir.Node) -> bool | None:
-            if (node.domain, node.op_type) in _NEVER_FOLD or node.domain not in ("", "ai.onnx"):
-                return False
-            return None
-
-        # The folder logs a warning for each node it cannot evaluate and leaves it alone.
-        folder_log = logging.getLogger("onnxscript.optimizer")
-        level = folder_log.level
-        folder_log.setLevel(logging.ERROR)
-        try:
-            result = onnxscript.optimizer.fold_constants(
-                model,
-                input_size_limit=self.max_elements,
-                output_size_limit=self.max_elements,
-                should_fold=should_fold,
-            )
-        finally:
-            folder_log.setLevel(level)
-        removed = ir_common.RemoveUnusedNodesPass()(model).modified
-        lifted = ir_common.LiftConstantsToInitializersPass(size_limit=0)(model).modified
-        return bool(result.modified or removed or lifted)
+        return fold_constants(model, self.max_elements)
 
 
 @dataclass(frozen=True)

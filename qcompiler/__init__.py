@@ -45,12 +45,14 @@ def compile(
     pipeline: str | None = None,
     calib=None,
     input_shapes=None,
+    input_values=None,
     **kwargs,
 ) -> CompileResult:
     """Compile an ONNX path or IR model for ``target`` (a target spec such as ``"host"``).
 
     ``calib`` is a path (``.npz`` or folder), a :class:`CalibrationData`, or a dict of
-    arrays with a leading sample axis. Without ``preset``/``pipeline`` the default is
+    arrays with a leading sample axis. ``input_values`` pins inputs to constants at import
+    (``{"sr": 16000}``; control flow they decide is specialised). Without ``preset``/``pipeline`` the default is
     ``w8a8`` when calibration data is given, else data-free weight-only int8.
     """
     from .graph import get_stage
@@ -59,7 +61,7 @@ def compile(
     from .target import default_targets
 
     if not hasattr(model, "graph"):
-        model = load_onnx(model, input_shapes=input_shapes)
+        model = load_onnx(model, input_shapes=input_shapes, input_values=input_values)
     if calib is not None and not isinstance(calib, CalibrationData):
         calib = CalibrationData.from_arrays(calib) if isinstance(calib, dict) else CalibrationData.from_path(calib)
     chosen, _ = choose(preset, pipeline, get_stage(model), calib is not None)

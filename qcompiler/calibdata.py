@@ -130,7 +130,7 @@ class CalibrationData:
         for _, chunk in self._iter_chunks():
             count = next(iter(chunk.values())).shape[0] if chunk else 0
             for i in range(count):
-                yield {name: array[i] for name, array in chunk.items()}
+                yield {name: np.asarray(array[i]) for name, array in chunk.items()}
 
     def first(self) -> dict[str, np.ndarray]:
         return next(iter(self))

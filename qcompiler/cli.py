@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import PassFailure, QCompilerError, ShapeError, UnsafeModelError, UserError
+from .errors import InputError, PassFailure, QCompilerError, ShapeError, UnsafeModelError, UserError
 
 PROG = "qcompile"
 
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME=DIMS",
         help="pin an input's shape, e.g. input_ids=1x128 (repeatable)",
+    )
+    parser.add_argument(
+        "--input-value", action="append", default=[], metavar="NAME=VALUE",
+        help="make an input a constant, e.g. sr=16000 (VALUE: a number filling the input, or V1,V2,...); "
+             "control flow decided by it is compiled for that value (repeatable)",
     )
     parser.add_argument("--report", action="store_true", help="write report.json (and report.html) into the output")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
@@ -98,6 +103,18 @@ def _trials(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"the number of trials must be 0 or more, got {value}")
     return value
+
+
+def parse_input_values(items: list[str]) -> dict[str, list[float]]:
+    from .specialize import parse_input_value
+
+    values: dict[str, list[float]] = {}
+    for item in items:
+        name, numbers = parse_input_value(item)
+        if name in values:
+            raise InputError(f"--input-value gives {name!r} twice")
+        values[name] = numbers
+    return values
 
 
 def parse_input_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
@@ -190,6 +207,7 @@ def _compile(args, out) -> int:
     if model_path.suffix.lower() in PICKLE_SUFFIXES:
         raise UnsafeModelError(f"{model_path}: {PICKLE_REFUSAL}")
     input_shapes = parse_input_shapes(args.input_shape)
+    input_values = parse_input_values(args.input_value)
     target = parse_one(args.target, default_targets())
     # refuse before any expensive work; --force never replaces a folder holding an input
     protect = [model_path] + ([Path(args.calib)] if args.calib else [])
@@ -214,7 +232,7 @@ def _compile(args, out) -> int:
             progress=True, seed=args.seed,
         )
     calibration = CalibrationData.from_path(args.calib) if args.calib else None
-    model = load_onnx(args.model, input_shapes=input_shapes)
+    model = load_onnx(args.model, input_shapes=input_shapes, input_values=input_values)
     pipeline, note = choose(args.preset, args.pipeline, get_stage(model), calibration is not None)
     if note:
         print(f"{PROG}: note: {note}", file=out)

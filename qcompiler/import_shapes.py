@@ -56,6 +56,18 @@ def _graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in graph.input if vi.name not in initializers]
 
 
+def _mark_dynamic_dims(graph: onnx.GraphProto) -> None:
+    """Some exporters write a dynamic dimension as ``dim_value: -1`` (paddle2onnx) or ``0``
+    (older converters) instead of a ``dim_param``: make those dimensions dynamic, on the
+    graph's inputs and outputs (other negative sizes stay errors)."""
+    for vi in list(_graph_inputs(graph)) + list(graph.output):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value in (-1, 0):
+                dim.ClearField("dim_value")
+
+
 def _pin_input_shapes(graph: onnx.GraphProto, input_shapes: InputShapes) -> None:
     inputs = {vi.name: vi for vi in _graph_inputs(graph)}
     for name, dims in input_shapes.items():

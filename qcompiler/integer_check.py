@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from .graph import get_stage, node_label
+from .specialize import CONTROL_FLOW, control_flow_hint
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
@@ -20,6 +21,10 @@ def _is_output_dequantize(node: ir.Node) -> bool:
 def first_float_compute(model: ir.Model) -> str | None:
     """Describe the first node computing a float tensor (other than final dequantizes), or None."""
     stage = get_stage(model)
+    # Control flow first: the float values its branches capture are a consequence of it.
+    for node in model.graph:
+        if node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx"):
+            return control_flow_hint(node)
     for node in model.graph:
         if _is_output_dequantize(node):
             continue

@@ -73,6 +73,29 @@ class Dropout(OpRun):
 
 
 @register_kernel
+class BatchNormalization(OpRun):
+    """Inference BatchNormalization (running statistics) for every opset: ``onnx.reference``
+    switches to the batch's own statistics when a ``momentum`` attribute is present (opset
+    9) or ``training_mode`` is set, which no inference runtime does."""
+
+    def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=None, training_mode=None, is_test=None, spatial=None):
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        eps = np.float32(1e-5 if epsilon is None else epsilon)
+        y = scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) + bias.reshape(shape)
+        extra = (mean, var)[: len(self.onnx_node.output) - 1]
+        return (y.astype(x.dtype), *extra)
+
+
+@register_kernel
+class GlobalMaxPool(OpRun):
+    """Max over every spatial axis (``onnx.reference`` reduces the wrong axes unless the
+    input is 4-D)."""
+
+    def _run(self, x):
+        return (np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True),)
+
+
+@register_kernel
 class DequantizeLinear(DequantizeLinear_25):
     """``onnx.reference`` lacks DequantizeLinear before opset 19; the newest version is a
     superset of the older ones (per-tensor, per-axis; plus blocks and int4/int16)."""

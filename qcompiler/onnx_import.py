@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import networkx as nx
@@ -23,21 +23,33 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from . import protobuf_diag
+from . import (
+    intops,  # noqa: F401  (registers qcompiler-domain schemas)
+    protobuf_diag,
+    qstate,
+)
 from .errors import (
     ModelFormatError,
     NumericsError,
     UnsafeModelError,
     UnsupportedOpError,
 )
-from . import intops  # noqa: F401  (registers qcompiler-domain schemas)
-from . import qstate
 from .graph import STAGE_KEY, detect_stage, set_stage
-from .integer import get_op, is_supported, is_supported_domain
 from .import_shapes import (
-    InputShapes, _check_data_dependent_sizes, _check_input_shapes, _check_value_sizes, _first_line, _infer_shapes, _label, _numel, _pin_input_shapes,
+    InputShapes,
+    _check_data_dependent_sizes,
+    _check_input_shapes,
+    _check_value_sizes,
+    _first_line,
+    _infer_shapes,
+    _label,
+    _mark_dynamic_dims,
+    _numel,
+    _pin_input_shapes,
 )
+from .integer import get_op, is_supported, is_supported_domain
 from .opset import MAX_OPSET, MIN_OPSET
+from .specialize import needs_specialisation, pin_input_values, specialise
 
 #: Refuse model files larger than protobuf can hold.
 MAX_PROTO_BYTES = 2**31 - 1
@@ -48,21 +60,23 @@ def load_onnx(
     path: str | os.PathLike | onnx.ModelProto,
     *,
     input_shapes: InputShapes | None = None,
+    input_values: Mapping[str, object] | None = None,
     require_static: bool = True,
 ) -> ir.Model:
     """Load, validate and import an ONNX file (or an in-memory ``ModelProto``).
 
-    ``input_shapes`` pins dynamic input dimensions (``{"input_ids": (1, 128)}``).
+    ``input_shapes`` pins dynamic input dimensions (``{"input_ids": (1, 128)}``);
+    ``input_values`` turns inputs into constants (``{"sr": 16000}``), which decides the
+    control flow that depends on them (:mod:`qcompiler.specialize`).
     With ``require_static`` (the default) every model input must end up fully static.
     """
+    options = {"input_shapes": input_shapes, "input_values": input_values, "require_static": require_static}
     if isinstance(path, onnx.ModelProto):
-        return import_proto(path, input_shapes=input_shapes, require_static=require_static)
+        return import_proto(path, **options)
     path = Path(path)
     proto = _read_model_proto(path)
     _load_external_data(proto, path.parent)
-    model = import_proto(
-        proto, input_shapes=input_shapes, require_static=require_static, source=str(path)
-    )
+    model = _import_owned_proto(proto, source=str(path), **options)
     qstate.attach_companions(model, path)
     return model
 
@@ -71,10 +85,28 @@ def import_proto(
     proto: onnx.ModelProto,
     *,
     input_shapes: InputShapes | None = None,
+    input_values: Mapping[str, object] | None = None,
     require_static: bool = True,
     source: str = "model",
 ) -> ir.Model:
-    """Validate an in-memory ModelProto (external data already loaded) and import it."""
+    """Validate an in-memory ModelProto (external data already loaded) and import it.
+    The caller's proto is not modified."""
+    _check_is_model(proto, source)
+    own = onnx.ModelProto()
+    own.CopyFrom(proto)
+    return _import_owned_proto(own, input_shapes=input_shapes, input_values=input_values,
+                               require_static=require_static, source=source)
+
+
+def _import_owned_proto(
+    proto: onnx.ModelProto,
+    *,
+    input_shapes: InputShapes | None,
+    input_values: Mapping[str, object] | None,
+    require_static: bool,
+    source: str,
+) -> ir.Model:
+    """:func:`import_proto` on a proto this module may modify in place."""
     _check_is_model(proto, source)
     proto = _normalise_opsets(proto)
     if proto.functions:
@@ -83,18 +115,29 @@ def import_proto(
     _check_supported_ops(proto.graph)
     _check_initializers(proto.graph)
     _check_nodes(proto)
+    _mark_dynamic_dims(proto.graph)
     if input_shapes:
         _pin_input_shapes(proto.graph, input_shapes)
+    if input_values:
+        pin_input_values(proto.graph, input_values)
     _check_input_shapes(proto.graph, require_static)
     _check_model(proto)
     proto = _infer_shapes(proto)
     _check_value_sizes(proto.graph)
     _check_data_dependent_sizes(proto.graph)
     model = ir.from_proto(proto)
+    if needs_specialisation(model):
+        model = specialise(model, _reinfer_shapes)
     model.graph.sort()
     if STAGE_KEY not in model.metadata_props:
         set_stage(model, detect_stage(model))
     return model
+
+
+def _reinfer_shapes(model: ir.Model) -> ir.Model:
+    proto = _infer_shapes(ir.to_proto(model))
+    _check_value_sizes(proto.graph)
+    return ir.from_proto(proto)
 
 
 # -- file and protobuf ---------------------------------------------------------------
@@ -202,6 +245,13 @@ def _normalise_opsets(proto: onnx.ModelProto) -> onnx.ModelProto:
         raise UnsupportedOpError(
             f"opset {version} is newer than the newest this qcompiler supports ({MAX_OPSET})"
         )
+    if version < 9:
+        for node in _all_nodes(proto.graph):
+            if node.op_type == "Scan" and node.domain in ("", "ai.onnx"):
+                raise UnsupportedOpError(
+                    f"node '{node.name or '<unnamed>'}' (Scan): an opset-{version} Scan (batch axis, "
+                    "sequence_lens input) has no upgrade to opset 9+; export the model with opset 9 or newer"
+                )
     if version < MIN_OPSET:
         try:
             proto = onnx.version_converter.convert_version(proto, MIN_OPSET)
@@ -508,6 +558,8 @@ def _check_nodes(proto: onnx.ModelProto) -> None:
     for index, node in enumerate(proto.graph.node):
         if get_op(node.domain, node.op_type) is not None:  # checked by its decomposition
             continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue  # subgraphs read outer names: checked with the whole model (_check_model)
         try:
             onnx.checker.check_node(node, ctx)
         except onnx.checker.ValidationError as exc:

@@ -3,6 +3,8 @@
 The importer refuses any node outside :data:`SUPPORTED_OPS`; the ONNX conformance
 test (``tests/test_onnx_conformance.py``) runs every ONNX node test built only
 from these ops through the importer and the reference interpreter.
+``If``/``Loop``/``Scan`` and ``LSTM``/``GRU``/``RNN`` are accepted here and specialised
+or unrolled at import (:mod:`qcompiler.specialize`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ _DEFAULT_DOMAIN_OPS = """
 Abs Acos Add And ArgMax ArgMin Asin Atan AveragePool BatchNormalization BitShift Cast
 CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvInteger ConvTranspose
 Cos CumSum DepthToSpace DequantizeLinear Div Dropout DynamicQuantizeLinear Einsum Elu
-Equal Erf Exp Expand Flatten Floor Gather GatherElements GatherND Gelu Gemm
+Equal Erf Exp Expand Flatten Floor Gather GatherElements GatherND Gelu Gemm GRU
 GlobalAveragePool GlobalMaxPool Greater GreaterOrEqual GroupNormalization HardSigmoid
-HardSwish Identity InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less
-LessOrEqual Log LogSoftmax LpNormalization MatMul MatMulInteger Max MaxPool Mean Min Mish Mod
+HardSwish Identity If InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less
+LessOrEqual Log LogSoftmax Loop LpNormalization LSTM MatMul MatMulInteger Max MaxPool Mean Min Mish Mod
 Mul Neg Not Or Pad Pow PRelu QLinearConv QLinearMatMul QuantizeLinear Range Reciprocal
 ReduceL1 ReduceL2 ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
-ReduceSumSquare Relu Reshape Resize RMSNormalization Round ScatterElements ScatterND Selu Shape Sigmoid Sign Sin
+ReduceSumSquare Relu Reshape Resize RMSNormalization RNN Round Scan ScatterElements ScatterND Selu Shape Sigmoid Sign Sin
 Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
 ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Where Xor
 """

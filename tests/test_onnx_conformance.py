@@ -23,6 +23,8 @@ from qcompiler.integer import is_supported
 #: Node tests excluded although their ops are supported: test-name regex -> reason.
 EXCLUDED = {
     r"test_training_dropout.*": "qcompiler compiles for inference: Dropout is the identity even with training_mode=True",
+    r"test_scan_sum": "an opset-8 Scan (batch axis, sequence_lens input): ONNX's version converter has no "
+    "rule for Scan 8 → 9, so the importer refuses it",
 }
 
 

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from qcompiler.errors import TargetError
 from qcompiler.graph import const_array, node_label, static_shape
 from qcompiler.integer import get_op, int_range
+from qcompiler.specialize import CONTROL_FLOW, control_flow_hint
 
 from . import adapter
 from .registry import LOWERINGS
@@ -95,6 +96,9 @@ class Lowerer:
 
     def run(self):
         relax = self.relax
+        for node in self.graph:  # refused before the builder opens a function
+            if node.domain in ("", "ai.onnx") and node.op_type in CONTROL_FLOW:
+                raise TargetError(f"{control_flow_hint(node)} (the TVM targets compile straight-line graphs)")
         params = []
         for value in self.graph.inputs:
             if value.const_value is not None:
