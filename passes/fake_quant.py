@@ -37,6 +37,10 @@ from qcompiler.passes.weight_quant import quantize_weights
 #: A tensor whose most negative value exceeds the other operand's range by this factor
 #: is an additive mask: it saturates to qmin instead of setting the range.
 MASK_RATIO = 1e3
+#: Concat parts whose ranges differ by more than this are checked for a shared 8-bit scale.
+PART_RANGE_RATIO = 16.0
+#: A part quantized below this SQNR at the shared 8-bit scale widens the Concat to 16 bits.
+PART_MIN_SQNR_DB = 20.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +257,14 @@ class InsertFakeQuant(Pass):
                 fmt = dataclasses.replace(fmt, bits=16)
                 how += " (16 bits: not only a product operand)"
                 sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[16], 2**16)
+            if wide_allowed and fmt.bits == 8 and producer is not None and producer.op_type == "Concat":
+                decision = concat_parts_decision(producer, ranges, stats)
+                if decision is not None:
+                    report.setdefault("decisions", []).append(decision)
+                    if decision["chosen"] == "16 bits":
+                        fmt = dataclasses.replace(fmt, bits=16)
+                        how += f" (16 bits: {decision['why']})"
+                        sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[16], 2**16)
             if wide_allowed and self.wide_below_db > 0 and fmt.bits == 8 and sqnr < self.wide_below_db:
                 fmt = dataclasses.replace(fmt, bits=16)
                 how += " (widened to 16 bits)"
@@ -328,6 +340,35 @@ class InsertFakeQuant(Pass):
 
 
 _PRODUCTS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+
+
+def concat_parts_decision(concat: ir.Node, ranges: dict[int, tuple[float, float]], stats) -> dict | None:
+    """Whether a Concat of parts with very different ranges keeps one 8-bit scale.
+
+    A detector head concatenates boxes (0–640) and class scores (0–1): one int8 scale for
+    both (2.5) turns every score into 0. When the parts' ranges differ by more than
+    :data:`PART_RANGE_RATIO`, each part's SQNR at the Concat's 8-bit range is estimated from
+    its histogram; if the worst is below :data:`PART_MIN_SQNR_DB`, the Concat's output is
+    16-bit (its parts keep their own 8-bit scales up to it). Returns the decision for the
+    report, or None when the parts' ranges are alike.
+    """
+    parts = [v for v in concat.inputs if v is not None and v.name in stats]
+    spans = [stats[v.name].max - stats[v.name].min for v in parts]
+    if len(parts) < 2 or min(spans) <= 0.0 or max(spans) / min(spans) <= PART_RANGE_RATIO:
+        return None
+    ratio = max(spans) / min(spans)
+
+    def worst(bits: int) -> tuple[float, str]:
+        return min((estimate_sqnr_db(stats[v.name].hist, *ranges[bits], 2**bits), v.name) for v in parts)
+
+    worst8, part = worst(8)
+    worst16, _ = worst(16)
+    chosen = "16 bits" if worst8 < PART_MIN_SQNR_DB and worst16 > worst8 else "8 bits"
+    return {
+        "node": concat.name, "op": "Concat", "range_ratio": round(float(ratio), 1), "worst_part": part,
+        "worst_part_sqnr_db": {"8": round(float(worst8), 2), "16": round(float(worst16), 2)}, "chosen": chosen,
+        "why": f"parts' ranges differ {ratio:.0f}x; part '{part}' at the shared 8-bit scale: {worst8:.1f} dB, at 16 bits {worst16:.1f} dB",
+    }
 
 
 def _nan_guarded(node: ir.Node | None) -> ir.Value | None:
