@@ -103,7 +103,10 @@ class QFormat:
 def qparams(lo: np.ndarray, hi: np.ndarray, fmt: QFormat) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point mapping ``[lo, hi]`` (arrays, one per channel/group) onto ``fmt``.
 
-    The range is first widened to include 0 so that 0 is exactly representable.
+    The range is first widened to include 0 so that 0 is exactly representable. An empty
+    range (an all-zero channel, a tensor that was 0 on every calibration sample) gets scale
+    1: every scale represents it exactly, and products with it (a bias scale ``s_x·s_w``)
+    stay representable instead of underflowing to 0.
     """
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
@@ -112,10 +115,11 @@ def qparams(lo: np.ndarray, hi: np.ndarray, fmt: QFormat) -> tuple[np.ndarray, n
     if fmt.symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi))
         half = qmax if fmt.signed else (qmax - qmin) // 2  # uint8 symmetric: z = 128, q in [1, 255]
-        scale = np.maximum(amax / half, tiny)
+        scale = np.where(amax > 0, np.maximum(amax / half, tiny), 1.0)
         zero = np.full_like(scale, 0 if fmt.signed else (qmax + 1) // 2)
     else:
-        scale = np.maximum((hi - lo) / (qmax - qmin), tiny)
+        span = hi - lo
+        scale = np.where(span > 0, np.maximum(span / (qmax - qmin), tiny), 1.0)
         zero = np.clip(np.round(qmin - lo / scale), qmin, qmax)
     return scale.astype(np.float32), zero.astype(fmt.dtype)
 

@@ -192,3 +192,21 @@ def test_widened_concat_lowers_bit_exact(tmp_path, target):
     calib = {"x": rng(1).standard_normal((16, 64, 8)).astype(np.float32)}
     result = qcompiler.compile(detector_head(20.0), target, tmp_path / "out", preset="w8a8", calib=calib)
     assert result.manifest["verified"]["status"] == "bit-exact"
+
+
+def test_dead_channel_keeps_its_bias():
+    """A pruned output channel (all-zero weights) with a bias: its weight scale must not make
+    the bias scale s_x·s_w underflow (0/0 → an int32 garbage bias)."""
+    r = rng(7)
+    w = r.standard_normal((8, 4)).astype(np.float32)
+    w[:, 2] = 0.0
+    b = np.array([0.5, -0.25, 0.75, 0.1], np.float32)
+    model = to_ir(make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        [tensor("x", [16, 8])], [tensor("y", [16, 4])], [init("w", w), init("b", b)]))
+    x = r.standard_normal((16, 8)).astype(np.float32)
+    ctx = calibrate(model, (16, 8))
+    run_pipeline(Pipeline.parse("insert-fake-quant"), model, ctx)
+    after = run(model, {"x": x})["y"]
+    np.testing.assert_allclose(after[:, 2], 0.75, atol=0.02)
+    assert sqnr_db(x @ w + b, after) > 25
