@@ -28,7 +28,7 @@ from qcompiler.graph import NameFactory, add_initializer, const_array, ensure_op
 from qcompiler.histogram import estimate_sqnr_db
 from qcompiler.pipeline import Pass, option
 from qcompiler.qdq import (
-    BOUNDED_RANGES, TRANSPARENT_OPS, input_derived, insert_qdq, is_float, linear_group,
+    BOUNDED_RANGES, input_derived, insert_qdq, is_float, linear_group, moves_values,
 )
 from qcompiler.quant import QFormat, qparams
 from qcompiler.passes.exact_masks import is_mask_select
@@ -253,19 +253,22 @@ class InsertFakeQuant(Pass):
             tensor_stats = stats[value.name]
             ranges, how = self._ranges(value, producer, fmt, tensor_stats, derived, stats, plan)
             sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[fmt.bits], 2**fmt.bits)
-            if wide_allowed and fmt.bits == 8 and self.wide_outside_products and not _feeds_only_products(value):
+            conv_input = _read_by_conv(value)  # convolutions take 8-bit inputs only
+            if wide_allowed and fmt.bits == 8 and self.wide_outside_products and not _feeds_only_products(value) and not conv_input:
                 fmt = dataclasses.replace(fmt, bits=16)
                 how += " (16 bits: not only a product operand)"
                 sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[16], 2**16)
             if wide_allowed and fmt.bits == 8 and producer is not None and producer.op_type == "Concat":
-                decision = concat_parts_decision(producer, ranges, stats)
+                decision = concat_parts_decision(producer, ranges, stats, conv_input)
                 if decision is not None:
                     report.setdefault("decisions", []).append(decision)
                     if decision["chosen"] == "16 bits":
                         fmt = dataclasses.replace(fmt, bits=16)
                         how += f" (16 bits: {decision['why']})"
                         sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[16], 2**16)
-            if wide_allowed and self.wide_below_db > 0 and fmt.bits == 8 and sqnr < self.wide_below_db:
+            if wide_allowed and self.wide_below_db > 0 and fmt.bits == 8 and sqnr < self.wide_below_db and conv_input:
+                how += f" (8 bits although below {self.wide_below_db:g} dB: a convolution reads it)"
+            elif wide_allowed and self.wide_below_db > 0 and fmt.bits == 8 and sqnr < self.wide_below_db:
                 fmt = dataclasses.replace(fmt, bits=16)
                 how += " (widened to 16 bits)"
                 sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[16], 2**16)
@@ -317,7 +320,7 @@ class InsertFakeQuant(Pass):
         guarded = _nan_guarded(producer)
         if guarded is not None:  # Where(IsNaN(p), 0, p): p itself (0 is representable)
             return id(guarded) if id(guarded) in plan else None
-        if producer is None or producer.op_type not in TRANSPARENT_OPS or not producer.inputs:
+        if producer is None or not moves_values(producer) or not producer.inputs:
             return None
         data = producer.inputs[0]
         if producer.op_type == "Gather" and const_array(data) is not None:
@@ -342,7 +345,8 @@ class InsertFakeQuant(Pass):
 _PRODUCTS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 
 
-def concat_parts_decision(concat: ir.Node, ranges: dict[int, tuple[float, float]], stats) -> dict | None:
+def concat_parts_decision(concat: ir.Node, ranges: dict[int, tuple[float, float]], stats,
+                          conv_input: bool = False) -> dict | None:
     """Whether a Concat of parts with very different ranges keeps one 8-bit scale.
 
     A detector head concatenates boxes (0–640) and class scores (0–1): one int8 scale for
@@ -350,7 +354,8 @@ def concat_parts_decision(concat: ir.Node, ranges: dict[int, tuple[float, float]
     :data:`PART_RANGE_RATIO`, each part's SQNR at the Concat's 8-bit range is estimated from
     its histogram; if the worst is below :data:`PART_MIN_SQNR_DB`, the Concat's output is
     16-bit (its parts keep their own 8-bit scales up to it). Returns the decision for the
-    report, or None when the parts' ranges are alike.
+    report, or None when the parts' ranges are alike. A Concat that a convolution reads
+    stays 8-bit (convolutions take 8-bit inputs; widening would leave the conv in float).
     """
     parts = [v for v in concat.inputs if v is not None and v.name in stats]
     spans = [stats[v.name].max - stats[v.name].min for v in parts]
@@ -363,11 +368,12 @@ def concat_parts_decision(concat: ir.Node, ranges: dict[int, tuple[float, float]
 
     worst8, part = worst(8)
     worst16, _ = worst(16)
-    chosen = "16 bits" if worst8 < PART_MIN_SQNR_DB and worst16 > worst8 else "8 bits"
+    chosen = "16 bits" if worst8 < PART_MIN_SQNR_DB and worst16 > worst8 and not conv_input else "8 bits"
     return {
         "node": concat.name, "op": "Concat", "range_ratio": round(float(ratio), 1), "worst_part": part,
         "worst_part_sqnr_db": {"8": round(float(worst8), 2), "16": round(float(worst16), 2)}, "chosen": chosen,
-        "why": f"parts' ranges differ {ratio:.0f}x; part '{part}' at the shared 8-bit scale: {worst8:.1f} dB, at 16 bits {worst16:.1f} dB",
+        "why": f"parts' ranges differ {ratio:.0f}x; part '{part}' at the shared 8-bit scale: {worst8:.1f} dB, at 16 bits {worst16:.1f} dB"
+               + ("; a convolution reads it (8-bit inputs only)" if conv_input else ""),
     }
 
 
@@ -383,6 +389,18 @@ def _nan_guarded(node: ir.Node | None) -> ir.Value | None:
     return value if constant.size == 1 and float(constant.reshape(-1)[0]) == 0.0 else None
 
 
+def _read_by_conv(value: ir.Value, depth: int = 0) -> bool:
+    """Whether a convolution reads ``value`` (through data movement)."""
+    for use in value.uses():
+        node = use.node
+        if node.op_type in ("Conv", "ConvTranspose"):
+            return True
+        if (depth < 16 and moves_values(node) and node.inputs and node.inputs[0] is value
+                and any(_read_by_conv(o, depth + 1) for o in node.outputs)):
+            return True
+    return False
+
+
 def _feeds_only_products(value: ir.Value, depth: int = 0) -> bool:
     """Whether every reader of ``value`` (through data movement) is a matmul or conv."""
     if value.is_graph_output() or depth > 16:
@@ -393,7 +411,7 @@ def _feeds_only_products(value: ir.Value, depth: int = 0) -> bool:
     for node in users:
         if node.op_type in _PRODUCTS:
             continue
-        if node.op_type in TRANSPARENT_OPS and node.inputs and node.inputs[0] is value:
+        if moves_values(node) and node.inputs and node.inputs[0] is value:
             if all(_feeds_only_products(o, depth + 1) for o in node.outputs):
                 continue
         return False
@@ -444,6 +462,10 @@ def quantize_biases(model: ir.Model, names: NameFactory | None = None) -> None:
         flat = bias.reshape(-1) if bias.size == scale.size or scale.size == 1 else None
         if flat is None:
             continue
+        wider = _weight_scale_for_bias(s_w, s_x, flat)
+        if wider is not None and _requantize_weight(model, w, wider, names):
+            s_w = wider
+            scale = (s_x * s_w).astype(np.float32).reshape(-1 if s_w.size > 1 else ())
         q = np.clip(np.round(flat / scale), -(2**31), 2**31 - 1).astype(np.int32)
         base = bias_value.name or "bias"
         qv = add_initializer(model.graph, names(f"{base}_q32"), q)
@@ -466,6 +488,48 @@ def quantize_biases(model: ir.Model, names: NameFactory | None = None) -> None:
         else:
             model.graph.insert_before(add, dq)
         add.replace_input_with(slot, out)
+
+
+#: Largest |bias| in steps of s_x·s_w: int32 with room left for the products' sum.
+BIAS_LIMIT = 2**29
+_WEIGHT_QMAX = {ir.DataType.INT8: 127, ir.DataType.INT16: 32767}
+
+
+def _weight_scale_for_bias(s_w: np.ndarray, s_x: float, bias: np.ndarray) -> np.ndarray | None:
+    """Weight scales large enough that every bias fits :data:`BIAS_LIMIT` steps of
+    ``s_x·s_w``, or None when they already do.
+
+    A channel whose weights are all but zero (a folded BatchNorm with a tiny γ) gets a tiny
+    weight scale, and its bias then needs more than 2^31 steps: its scale grows to
+    ``|b| / (s_x·BIAS_LIMIT)``. Its weights, far below that step, round to (nearly) 0: they
+    contributed nothing next to the bias anyway.
+    """
+    need = np.abs(bias.astype(np.float64)) / (s_x * BIAS_LIMIT)
+    if s_w.size == 1:
+        need = np.asarray(need.max(initial=0.0)).reshape(s_w.shape)
+    if np.all(s_w.reshape(-1) >= need.reshape(-1)):
+        return None
+    return np.maximum(s_w, need.reshape(s_w.shape))
+
+
+def _requantize_weight(model: ir.Model, w, scale: np.ndarray, names: NameFactory) -> bool:
+    """Point the weight's DequantizeLinear at ``round(W / scale)`` and ``scale`` (new
+    initializers: the old ones may be shared)."""
+    q_value, old_scale, zero, dq = w
+    q = const_array(q_value)
+    qmax = _WEIGHT_QMAX.get(q_value.dtype)
+    if q is None or qmax is None or np.any(zero != 0):
+        return False
+    attrs = {k: a.value for k, a in dq.attributes.items()}
+    shape = [1] * q.ndim
+    if scale.size > 1:
+        shape[int(attrs.get("axis", 1)) % q.ndim] = -1
+    real = q.astype(np.float64) * np.asarray(old_scale, np.float64).reshape(shape)
+    new_q = np.clip(np.round(real / scale.reshape(shape)), -qmax, qmax).astype(q.dtype)
+    base = dq.inputs[0].name or "weight"
+    dq.replace_input_with(0, add_initializer(model.graph, names(f"{base}_fit"), new_q))
+    dq.replace_input_with(1, add_initializer(model.graph, names(f"{base}_fit_scale"), scale.astype(np.float32)))
+    return True
 
 
 def describe_unquantized(model: ir.Model) -> list[str]:

@@ -38,7 +38,9 @@ from qcompiler.pipeline import Pass, option
 from qcompiler.passes.exact_masks import is_mask_select
 from qcompiler.passes.lower_nonlinear import _ELEMENTWISE_TABLES, NonlinearLowering
 from qcompiler.passes.lowering_common import QT, Builder as _Builder, Refuse as _Refuse, shape_of as _shape
-from qcompiler.qdq import TRANSPARENT_OPS, constant_value as _dequantized_constant, is_float, linear_group, qdq_source
+from qcompiler.qdq import (
+    TRANSPARENT_OPS, constant_value as _dequantized_constant, is_float, is_nearest_resize, linear_group, qdq_source,
+)
 
 _INT8 = (np.dtype(np.int8), np.dtype(np.uint8))
 
@@ -452,6 +454,18 @@ class _Lowering(NonlinearLowering):
             return None
         attrs = {k: a.value for k, a in node.attributes.items()}
         moved = self.b.node(node.op_type, inputs, attrs, dtype=x.dtype, shape=_shape(node.outputs[0]), base=node.name)
+        return self.align(QT(moved, x.scale, x.zero), out, _shape(node.outputs[0]))
+
+    def _op_Resize(self, node: ir.Node, out: QT):
+        """Nearest-neighbour Resize moves values: the integer tensor is resized as is (its
+        roi/scales/sizes are constants)."""
+        if not is_nearest_resize(node):
+            return None
+        x = self.qin(node.inputs[0])
+        if x is None or x.axis is not None or any(v is not None and const_array(v) is None for v in node.inputs[1:]):
+            return None
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        moved = self.b.node("Resize", [x.value, *node.inputs[1:]], attrs, dtype=x.dtype, shape=_shape(node.outputs[0]), base=node.name)
         return self.align(QT(moved, x.scale, x.zero), out, _shape(node.outputs[0]))
 
     def _op_Gather(self, node: ir.Node, out: QT):

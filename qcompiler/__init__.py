@@ -60,7 +60,9 @@ def compile(
     from .presets import choose
     from .target import default_targets
 
-    if not hasattr(model, "graph"):
+    import onnx_ir as ir
+
+    if not isinstance(model, ir.Model):  # a path or an onnx.ModelProto
         model = load_onnx(model, input_shapes=input_shapes, input_values=input_values)
     if calib is not None and not isinstance(calib, CalibrationData):
         calib = CalibrationData.from_arrays(calib) if isinstance(calib, dict) else CalibrationData.from_path(calib)

@@ -22,6 +22,7 @@ from onnx.reference.ops.op_quantize_linear import QuantizeLinear_25, _reshape_in
 
 from .errors import InputError
 from .integer import exact_int_matmul, reference_kernels
+from .reference_conv import Conv, ConvInteger
 
 #: (domain, op_type) -> OpRun class; overrides ``onnx.reference`` for that op.
 KERNELS: dict[tuple[str, str], type[OpRun]] = {}
@@ -36,6 +37,10 @@ def register_kernel(cls: type[OpRun]) -> type[OpRun]:
     domain = getattr(cls, "op_domain", "")
     KERNELS[(domain, cls.__name__)] = cls
     return cls
+
+
+register_kernel(Conv)  # onnx.reference's im2col in Python: minutes per CNN image
+register_kernel(ConvInteger)
 
 
 @register_kernel

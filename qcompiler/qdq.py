@@ -29,6 +29,19 @@ BOUNDED_RANGES = {"Softmax": (0.0, 1.0), "Sigmoid": (0.0, 1.0), "HardSigmoid": (
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
 
+def is_nearest_resize(node: ir.Node) -> bool:
+    """A nearest-neighbour ``Resize``: it moves values, like the :data:`TRANSPARENT_OPS`."""
+    if node.op_type != "Resize":
+        return False
+    mode = node.attributes.get("mode")
+    return mode is not None and mode.as_string() == "nearest"
+
+
+def moves_values(node: ir.Node) -> bool:
+    """Whether ``node``'s first output only rearranges values of its first input."""
+    return node.op_type in TRANSPARENT_OPS or is_nearest_resize(node)
+
+
 def is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in FLOAT_TYPES
 

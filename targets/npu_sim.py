@@ -24,6 +24,7 @@ from qcompiler.graph import const_array, node_label
 from qcompiler.integer import get_op
 from qcompiler.opset import QC_DOMAIN
 from qcompiler.pipeline import option
+from qcompiler.qdq import is_nearest_resize
 from qcompiler.target import Capabilities
 
 from .tvm_target import TVMTarget
@@ -39,7 +40,7 @@ _ACCUMULATE = {("", "MatMulInteger"), ("", "ConvInteger"), (QC_DOMAIN, "IntMatMu
 _VECTOR = {("", "Add"), ("", "ReduceSum"), ("", "Cast"), ("", "MaxPool")}
 _MOVE = {("", op) for op in (
     "Reshape Transpose Squeeze Unsqueeze Flatten Concat Split Slice Gather GatherElements GatherND "
-    "Expand Where Pad Equal Less Greater And Or Not Identity Constant Shape Dropout"
+    "Expand Where Pad Equal Less Greater And Or Not Identity Constant Shape Dropout Resize"
 ).split()}
 _BOUNDARY = {("", "QuantizeLinear"), ("", "DequantizeLinear")}
 
@@ -125,6 +126,8 @@ def npu_violation(node: ir.Node, info: dict | None = None, acc48: bool = True) -
     if key not in _ACCUMULATE | _MOVE | _BOUNDARY and not vector:
         return f"{label} is not an NPU operation (integer matmul/conv, fixed-point vector ops and data movement only)"
     ins = node.inputs
+    if key == ("", "Resize") and not is_nearest_resize(node):
+        return f"{label}: only nearest-neighbour Resize moves data on the NPU (this one interpolates)"
     if key == ("", "QuantizeLinear"):
         if ins[0].producer() is not None:
             return f"{label}: QuantizeLinear is only allowed on graph inputs"

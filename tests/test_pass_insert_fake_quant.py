@@ -210,3 +210,44 @@ def test_dead_channel_keeps_its_bias():
     after = run(model, {"x": x})["y"]
     np.testing.assert_allclose(after[:, 2], 0.75, atol=0.02)
     assert sqnr_db(x @ w + b, after) > 25
+
+
+def test_bias_of_a_nearly_dead_channel_fits_int32(tmp_path):
+    """A folded BatchNorm with a tiny γ leaves a channel with ~1e-9 weights and a real bias:
+    at s_x·s_w its bias needs more than 2^31 steps. The channel's weight scale grows until
+    the bias fits, so the conv still lowers to an integer conv (and stays accurate)."""
+    import qcompiler
+
+    r = rng(8)
+    w = r.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3
+    w[1] *= 1e-9
+    b = np.array([0.1, 2.5, -0.3, 0.2], np.float32)
+    proto = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])],
+                       [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 4, 8, 8])], [init("w", w), init("b", b)])
+    model = to_ir(proto)
+    ctx = calibrate(model, (1, 3, 8, 8))
+    run_pipeline(Pipeline.parse("insert-fake-quant"), model, ctx)
+    x = rng(60).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    after = run(model, {"x": x})["y"]
+    np.testing.assert_allclose(after[0, 1], 2.5, atol=0.05)
+    calib = {"x": rng(1).standard_normal((8, 1, 3, 8, 8)).astype(np.float32)}
+    result = qcompiler.compile(to_ir(proto), "npu-sim", tmp_path / "out", preset="w8a8", calib=calib)
+    assert result.manifest["verified"]["status"] == "bit-exact"
+    assert not result.context.report.get("integer_lowering", {}).get("kept_float")
+
+
+def test_conv_inputs_are_not_widened():
+    """Convolutions take 8-bit inputs: an outlier-heavy conv input stays 8-bit (and says
+    why) instead of leaving the conv in float on every integer target."""
+    model = to_ir(cnn_bn())
+    samples = []
+    for i in range(32):
+        x = rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)
+        if i == 0:
+            x[0, 0, 0, 0] = 200.0
+        samples.append({"x": x})
+    ctx = PassContext(calibration=CalibrationData.from_samples(samples).bind(input_specs(model)))
+    run_pipeline(Pipeline.parse("fold-batchnorm,insert-fake-quant{method=minmax,wide_below_db=30.0},lower-integer"), model, ctx)
+    row = next(r for r in ctx.report["activations"] if r["tensor"] == "x")
+    assert row["format"].startswith("int8") and "a convolution reads it" in row["method"]
+    assert "Conv" not in ops(model) and "ConvInteger" in ops(model)

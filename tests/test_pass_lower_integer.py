@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -198,3 +199,43 @@ def test_minilm_w8a8_integer_stage_accuracy(minilm_dynamo):
     interpreter = qcompiler.ReferenceInterpreter(model)
     ours = minilm.embed_with(lambda f: interpreter.run(f)["last_hidden_state"], tokens)
     assert minilm.mean_cosine(reference, ours) > 0.985
+
+
+def upsample_model(mode: str):
+    r = rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["h"]),
+             helper.make_node("Resize", ["h", "", "scales"], ["up"], mode=mode),
+             helper.make_node("Add", ["up", "skip"], ["y"])]
+    inits = [init("w", r.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3),
+             init("scales", np.array([1, 1, 2, 2], np.float32))]
+    return make_model(nodes, [tensor("x", [1, 3, 4, 4]), tensor("skip", [1, 4, 8, 8])], [tensor("y", [1, 4, 8, 8])], inits)
+
+
+def upsample_samples():
+    return [{"x": rng(i).standard_normal((1, 3, 4, 4)).astype(np.float32),
+             "skip": rng(50 + i).standard_normal((1, 4, 8, 8)).astype(np.float32)} for i in range(8)]
+
+
+@pytest.mark.parametrize("mode,lowered", [("nearest", True), ("linear", False)])
+def test_nearest_resize_moves_integers(mode, lowered):
+    """A nearest-neighbour Resize (an FPN/PAN upsample) runs on the integer tensor with its
+    input's parameters; a linear one interpolates and stays float."""
+    model = to_ir(upsample_model(mode))
+    samples = upsample_samples()
+    ctx = PassContext(calibration=CalibrationData.from_samples(samples).bind(input_specs(model)))
+    feeds = samples[0]
+    before = run(model, feeds)["y"]
+    run_pipeline(Pipeline.parse("insert-fake-quant,lower-integer"), model, ctx)
+    resize = next(n for n in model.graph if n.op_type == "Resize")
+    assert (resize.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8)) == lowered
+    assert sqnr_db(before, run(model, feeds)["y"]) > 25
+
+
+@pytest.mark.parametrize("target", ["npu-sim", "host"])
+def test_nearest_resize_on_integer_targets(tmp_path, target):
+    import qcompiler
+
+    calib = {k: np.stack([s[k] for s in upsample_samples()]) for k in ("x", "skip")}
+    result = qcompiler.compile(upsample_model("nearest"), target, tmp_path / "out", preset="w8a8", calib=calib)
+    assert result.manifest["verified"]["status"] == "bit-exact"

@@ -158,8 +158,15 @@ _BROADCAST_RATIO = 8
 def _inline_without_recomputing(sch, infos):
     """Inline element-wise blocks into their consumers, as dlight's ``try_inline`` does,
     except expensive blocks a consumer reads at several indices and per-row statistics
-    that a larger consumer broadcasts: those are computed once."""
+    that a larger consumer broadcasts: those are computed once.
+
+    Whether a block is kept depends on its own body and on its consumers; after an inline
+    only the blocks around it are looked at again (printing every body after every inline
+    made a kernel's schedule quadratic in its block count)."""
     import re
+
+    def name(block) -> str:
+        return sch.get(block).name_hint
 
     def recomputed(block) -> bool:
         stmt = sch.get(block)
@@ -170,25 +177,56 @@ def _inline_without_recomputing(sch, infos):
         consumers = sch.get_consumers(block)  # several: wait until they have merged, then look again
         return len(consumers) > 1 or any(len(set(re.findall(pattern, str(sch.get(c).body)))) > 1 for c in consumers)
 
+    kept_cache: dict[str, bool] = {}
+    stuck: set[str] = set()  # blocks no inline applied to since their surroundings last changed
+
+    def is_kept(block) -> bool:
+        key = name(block)
+        if key not in kept_cache:
+            kept_cache[key] = recomputed(block) or _feeds_larger(sch, block)
+        return kept_cache[key]
+
+    def forget_around(names: set[str]) -> None:
+        """Drop what is known of the named blocks and of their producers (and let their
+        consumers try to inline again)."""
+        for info in infos:
+            block = info.block_rv
+            if name(block) in names:
+                kept_cache.pop(name(block), None)
+                stuck.discard(name(block))
+                for producer in sch.get_producers(block):
+                    kept_cache.pop(name(producer), None)
+                    stuck.discard(name(producer))
+                for consumer in sch.get_consumers(block):
+                    stuck.discard(name(consumer))
+
     def inline_one() -> bool:
-        kept = {sch.get(info.block_rv).name_hint for info in infos
-                if recomputed(info.block_rv) or _feeds_larger(sch, info.block_rv)}
+        kept = {name(info.block_rv) for info in infos if is_kept(info.block_rv)}
         for index, info in enumerate(infos):
             block = info.block_rv
-            if sch.get(block).name_hint in kept:
+            own = name(block)
+            if own in kept or own in stuck:
                 continue
             ways = [sch.compute_inline]
-            if not any(sch.get(p).name_hint in kept for p in sch.get_producers(block)):
+            if not any(name(p) in kept for p in sch.get_producers(block)):
                 ways.append(sch.reverse_compute_inline)  # not into a block kept to be computed once
+            neighbours = {name(b) for b in (*sch.get_producers(block), *sch.get_consumers(block))}
             for inline in ways:
                 try:
                     inline(block)
                 except Exception:  # noqa: BLE001 - not inlinable this way
                     continue
                 infos.pop(index)
+                kept_cache.pop(own, None)
+                forget_around(neighbours)
                 return True
+            stuck.add(own)
         return False
 
-    while inline_one():
-        pass
-    return infos
+    while True:  # until a scan with nothing cached inlines nothing: the fixpoint of a full rescan
+        while inline_one():
+            pass
+        stuck.clear()
+        kept_cache.clear()
+        if not inline_one():
+            return infos
