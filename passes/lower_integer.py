@@ -468,6 +468,27 @@ class _Lowering(NonlinearLowering):
         moved = self.b.node("Resize", [x.value, *node.inputs[1:]], attrs, dtype=x.dtype, shape=_shape(node.outputs[0]), base=node.name)
         return self.align(QT(moved, x.scale, x.zero), out, _shape(node.outputs[0]))
 
+    def _op_Pad(self, node: ir.Node, out: QT):
+        """Pad moves values; a constant pad value is quantized with the input's parameters
+        (it must be representable: 0 always is)."""
+        x = self.qin(node.inputs[0])
+        extra = list(node.inputs[1:])
+        if x is None or x.axis is not None or any(v is not None and const_array(v) is None for v in extra):
+            return None
+        mode = node.attributes["mode"].as_string() if "mode" in node.attributes else "constant"
+        inputs = [x.value, *extra]
+        if mode == "constant":
+            value = const_array(extra[1]) if len(extra) > 1 and extra[1] is not None else np.zeros(())
+            level = float(np.asarray(value, np.float64).reshape(-1)[0]) / x.s + float(np.asarray(x.zero).reshape(-1)[0])
+            lo, hi = intops.int_range(x.dtype)
+            if abs(level - round(level)) > 1e-6 or not lo <= round(level) <= hi:
+                raise _Refuse(f"pad value {float(np.asarray(value).reshape(-1)[0])} is not a level of the input's quantization")
+            padded = self.b.const("pad_value", np.asarray(round(level), dtype=x.dtype))
+            inputs = [x.value, extra[0], padded, *extra[2:]]
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        moved = self.b.node("Pad", inputs, attrs, dtype=x.dtype, shape=_shape(node.outputs[0]), base=node.name)
+        return self.align(QT(moved, x.scale, x.zero), out, _shape(node.outputs[0]))
+
     def _op_Gather(self, node: ir.Node, out: QT):
         table = _dequantized_constant(node.inputs[0])
         if table is None or is_float(node.inputs[1]):

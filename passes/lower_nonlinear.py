@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import intops
+from qcompiler.graph import const_array
 from qcompiler.opset import QC_DOMAIN
 from qcompiler.qdq import constant_value as _dequantized_constant
 
@@ -33,8 +34,23 @@ _ELEMENTWISE_TABLES = {
     "Abs": np.abs,
     "Sqrt": lambda x: np.sqrt(np.maximum(x, 0.0)),
     "Relu": lambda x: np.maximum(x, 0.0),
+    "Sin": np.sin,
+    "Cos": np.cos,
+    "Reciprocal": lambda x: 1.0 / x,
+    "Log": np.log,
+    "Softsign": lambda x: x / (1.0 + np.abs(x)),
+    "Mish": lambda x: x * np.tanh(np.log1p(np.exp(x))),
+    "Floor": np.floor,
+    "Ceil": np.ceil,
+    "Round": np.round,
+    "Sign": np.sign,
     "LeakyRelu": None,  # needs alpha: handled in _table_function
     "Elu": None,
+    "Selu": None,
+    "Celu": None,
+    "ThresholdedRelu": None,
+    "Gelu": None,
+    "Pow": None,  # a constant exponent
 }
 
 
@@ -139,7 +155,7 @@ class NonlinearLowering:
 
     def _table(self, node: ir.Node, out: QT):
         x = self.qin(node.inputs[0])
-        if x is None or len([v for v in node.inputs if v is not None]) != 1:
+        if x is None or any(v is not None and const_array(v) is None for v in node.inputs[1:]):
             return None
         function = _table_function(node)
         if function is None:
@@ -200,8 +216,40 @@ class NonlinearLowering:
 
 
 def _table_function(node: ir.Node):
+    """The element-wise function ``node`` computes of its first input (its other inputs are
+    constants), made total: where it is undefined or infinite (log 0, 1/0) it saturates."""
+    function = _raw_table_function(node)
+    if function is None:
+        return None
+
+    def total(x):
+        with np.errstate(all="ignore"):
+            return np.nan_to_num(function(x), nan=0.0, posinf=3e38, neginf=-3e38)
+    return total
+
+
+def _raw_table_function(node: ir.Node):
     op = node.op_type
     attrs = {k: a.value for k, a in node.attributes.items()}
+    if op == "Pow":
+        exponent = const_array(node.inputs[1])
+        if exponent is None or exponent.size != 1:
+            return None
+        e = float(exponent.reshape(-1)[0])
+        return lambda x: np.power(x, e)
+    if op == "Selu":
+        alpha, gamma = float(attrs.get("alpha", 1.67326319217681884765625)), float(attrs.get("gamma", 1.05070102214813232421875))
+        return lambda x: gamma * np.where(x > 0, x, alpha * (np.exp(np.minimum(x, 0)) - 1))
+    if op == "Celu":
+        alpha = float(attrs.get("alpha", 1.0))
+        return lambda x: np.maximum(x, 0) + np.minimum(0, alpha * (np.exp(np.minimum(x, 0) / alpha) - 1))
+    if op == "ThresholdedRelu":
+        alpha = float(attrs.get("alpha", 1.0))
+        return lambda x: np.where(x > alpha, x, 0.0)
+    if op == "Gelu":
+        if attrs.get("approximate", "none") == "tanh":
+            return lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+        return lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
     if op == "LeakyRelu":
         alpha = float(attrs.get("alpha", 0.01))
         return lambda x: np.where(x >= 0, x, alpha * x)

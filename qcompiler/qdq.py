@@ -38,8 +38,21 @@ def is_nearest_resize(node: ir.Node) -> bool:
 
 
 def moves_values(node: ir.Node) -> bool:
-    """Whether ``node``'s first output only rearranges values of its first input."""
-    return node.op_type in TRANSPARENT_OPS or is_nearest_resize(node)
+    """Whether ``node``'s first output only rearranges values of its first input (a Pad
+    that adds zeros counts: 0 is in every quantized range)."""
+    return node.op_type in TRANSPARENT_OPS or is_nearest_resize(node) or _pads_with_zero(node)
+
+
+def _pads_with_zero(node: ir.Node) -> bool:
+    if node.op_type != "Pad":
+        return False
+    mode = node.attributes.get("mode")
+    if mode is not None and mode.as_string() != "constant":
+        return True
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return True
+    value = node.inputs[2].const_value
+    return value is not None and bool(np.all(value.numpy() == 0))
 
 
 def is_float(value: ir.Value | None) -> bool:

