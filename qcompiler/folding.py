@@ -30,7 +30,7 @@ def _should_fold(node: ir.Node) -> bool | None:
         return False
     if node.op_type == "ConstantOfShape":
         shape = const_array(node.inputs[0]) if node.inputs else None
-        if shape is not None and shape.size and np.all(shape >= 0) and int(np.prod(shape)) <= SMALL_FILL:
+        if shape is not None and np.all(shape >= 0) and int(np.prod(shape)) <= SMALL_FILL:  # [] makes a scalar
             return True
     return None
 

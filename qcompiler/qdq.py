@@ -162,12 +162,16 @@ def linear_group(node: ir.Node) -> LinearGroup | None:
 
 
 def input_derived(model: ir.Model) -> set[int]:
-    """ids of values computed only from integer/bool graph inputs and constants."""
+    """ids of values computed only from integer/bool graph inputs and constants (mask
+    arithmetic). An embedding lookup (a float table gathered by token ids) starts a
+    region of activations instead: its rows are quantized like any activation."""
     derived: set[int] = set()
     for value in model.graph.inputs:
         if not is_float(value):
             derived.add(id(value))
     for node in model.graph:
+        if node.op_type == "Gather" and node.inputs and is_float(node.inputs[0]) and node.inputs[0].const_value is not None:
+            continue
         inputs = [v for v in node.inputs if v is not None]
         if inputs and all(id(v) in derived or const_array(v) is not None for v in inputs) and any(id(v) in derived for v in inputs):
             derived.update(id(v) for v in node.outputs)

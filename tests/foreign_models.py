@@ -493,7 +493,8 @@ def evaluate(model: ForeignModel, work: Path, *, targets=("host", "npu-sim"), sa
 
     proto = onnx.load(str(path), load_external_data=False)
     row["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    row["parameters"] = int(sum(np.prod(t.dims) for t in proto.graph.initializer))
+    constants = [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    row["parameters"] = int(sum(np.prod(t.dims) for t in [*proto.graph.initializer, *constants]))
     feeds = [model.feeds(i) for i in range(samples)]
     onnxruntime_float = onnxruntime_run(path, [model.all_feeds(i) for i in range(samples)])
     options = {"input_shapes": model.input_shapes(), "input_values": model.input_values or None}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
+import pytest
+from onnx import TensorProto, helper
 
 from builders import init, make_model, run, tensor, to_ir
 from qcompiler.passmanager import PassContext, run_pipeline
@@ -54,3 +55,16 @@ def test_respects_size_limit():
     assert len(list(model.graph)) == 2
     run_pipeline(Pipeline.parse("fold-constants"), model, PassContext())
     assert len(list(model.graph)) == 1
+
+
+@pytest.mark.parametrize("shape,size", [([], 1), ([2, 3], 6)])
+def test_small_constant_of_shape_is_folded(shape, size):
+    """Legacy exports build masks from ConstantOfShape of a Constant node, including the
+    empty shape (a scalar); both become initializers."""
+    nodes = [helper.make_node("Constant", [], ["s"], value=helper.make_tensor("sv", TensorProto.INT64, [len(shape)], shape)),
+             helper.make_node("ConstantOfShape", ["s"], ["fill"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("Add", ["x", "fill"], ["y"])]
+    model = to_ir(make_model(nodes, [tensor("x", [2, 3])], [tensor("y", [2, 3])]))
+    run_pipeline(Pipeline.parse("fold-constants"), model, PassContext())
+    assert [n.op_type for n in model.graph] == ["Add"]
+    assert model.graph.node(0).inputs[1].const_value.numpy().size == size

@@ -255,3 +255,25 @@ def test_digits_cnn_cuda_sources_compile(digits):
     assert info["kernels"] > 0 and info["nvcc"]["cubin_bytes"] > 0
     other = cuda_target.nvcc_instructions(digits.builds.get("cuda") / info["source"], "sm_80")
     assert other["cubin_bytes"] > 0
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_minilm_with_token_type_ids_is_integer_only(minilm_dir, dynamo, tmp_path):
+    """all-MiniLM-L6-v2 exported with three inputs (token_type_ids as an input, as optimum
+    does): the embedding sum and its LayerNorm are integer too, so npu-sim builds it and
+    the output stays close to FP32."""
+    from qcompiler.examples import minilm
+    from qcompiler.interpreter import ReferenceInterpreter
+
+    path = minilm.export_onnx(minilm_dir / f"types-{dynamo}" / "minilm.onnx", dynamo=dynamo, token_type_ids=True)
+    calib, held_out = minilm.calibration_and_eval_sentences(16, 2)
+    tokens = minilm.tokenize(calib)
+    tokens["token_type_ids"] = np.zeros_like(tokens["input_ids"])
+    result = qcompiler.compile(path, "npu-sim", tmp_path / "npu", preset="w8a8", calib=tokens)
+    assert result.manifest["verified"]["status"] == "bit-exact"
+    assert not result.context.report["integer_lowering"]["kept_float"]
+    feeds = {k: v[0] for k, v in minilm.tokenize(held_out[:1]).items()}
+    feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+    want = ReferenceInterpreter(qcompiler.load_onnx(path)).run(feeds)[minilm.OUTPUT_NAME].reshape(-1)
+    got = qcompiler.load(tmp_path / "npu").run(feeds)[minilm.OUTPUT_NAME].reshape(-1)
+    assert want @ got / (np.linalg.norm(want) * np.linalg.norm(got)) > 0.98

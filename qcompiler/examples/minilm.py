@@ -85,8 +85,9 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(model_dir()))
 
 
-def torch_encoder():
-    """The BERT encoder wrapped to take keyword inputs and return last_hidden_state."""
+def torch_encoder(token_type_ids: bool = False):
+    """The BERT encoder wrapped to take keyword inputs and return last_hidden_state
+    (with ``token_type_ids``: a third input, as optimum and most users export it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModel
@@ -101,7 +102,11 @@ def torch_encoder():
         def forward(self, input_ids, attention_mask):
             return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    return Encoder().eval()
+    class EncoderWithTypes(Encoder):
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+    return (EncoderWithTypes() if token_type_ids else Encoder()).eval()
 
 
 def tokenize(sentences, seq_len: int = SEQ_LEN) -> dict[str, np.ndarray]:
@@ -112,8 +117,9 @@ def tokenize(sentences, seq_len: int = SEQ_LEN) -> dict[str, np.ndarray]:
     return {name: encoded[name].astype(np.int64)[:, None, :] for name in INPUT_NAMES}
 
 
-def export_onnx(path: str | os.PathLike, *, dynamo: bool = True, seq_len: int = SEQ_LEN) -> Path:
-    """Export the encoder at batch 1 × ``seq_len``.
+def export_onnx(path: str | os.PathLike, *, dynamo: bool = True, seq_len: int = SEQ_LEN, token_type_ids: bool = False) -> Path:
+    """Export the encoder at batch 1 × ``seq_len`` (inputs ``input_ids``, ``attention_mask``
+    and, with ``token_type_ids``, a third input of that name).
 
     ``dynamo=True``: the torch.export-based exporter (opset 18+, weights in ``<path>.data``).
     ``dynamo=False``: the legacy TorchScript exporter (opset 17, one file).
@@ -123,7 +129,10 @@ def export_onnx(path: str | os.PathLike, *, dynamo: bool = True, seq_len: int = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = tokenize(["An example sentence for tracing the encoder."], seq_len)
+    names = list(INPUT_NAMES) + (["token_type_ids"] if token_type_ids else [])
     args = tuple(torch.from_numpy(example[name][0]) for name in INPUT_NAMES)
+    if token_type_ids:
+        args += (torch.zeros_like(args[0]),)
     # The exporter's constant folder logs a warning for every shape it cannot fold: noise here.
     folder_log = logging.getLogger("onnxscript.optimizer._constant_folding")
     level = folder_log.level
@@ -133,12 +142,12 @@ def export_onnx(path: str | os.PathLike, *, dynamo: bool = True, seq_len: int = 
             warnings.simplefilter("ignore")
             if dynamo:
                 torch.onnx.export(
-                    torch_encoder(), args, str(path), input_names=list(INPUT_NAMES),
+                    torch_encoder(token_type_ids), args, str(path), input_names=names,
                     output_names=[OUTPUT_NAME], dynamo=True, external_data=True, verbose=False,
                 )
             else:
                 torch.onnx.export(
-                    torch_encoder(), args, str(path), input_names=list(INPUT_NAMES),
+                    torch_encoder(token_type_ids), args, str(path), input_names=names,
                     output_names=[OUTPUT_NAME], dynamo=False, opset_version=17,
                 )
     finally:
