@@ -133,6 +133,8 @@ class _Lowering(NonlinearLowering):
         if node.op_type == "Split" and len(node.outputs) > 1:
             self._split(node)
             return
+        if node.op_type == "Reshape" and _dequantized_constant(node.outputs[0]) is not None:
+            return  # a reshaped quantized constant (a (1, C, 1, 1) bias): read as a constant
         group = linear_group(node)
         if group is not None:
             self.done.update(id(n) for n in (group.bias_add, group.activation) if n is not None)

@@ -16,7 +16,9 @@ import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_batch_normalization import BatchNormalization_14 as _TrainingBatchNorm
 from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_25
+from onnx.reference.ops.op_loop import Loop as _OnnxLoop
 from onnx.reference.ops.op_max_pool import MaxPool as _OnnxMaxPool
 from onnx.reference.ops.op_quantize_linear import QuantizeLinear_25, _reshape_input
 
@@ -79,16 +81,49 @@ class Dropout(OpRun):
 
 @register_kernel
 class BatchNormalization(OpRun):
-    """Inference BatchNormalization (running statistics) for every opset: ``onnx.reference``
-    switches to the batch's own statistics when a ``momentum`` attribute is present (opset
-    9) or ``training_mode`` is set, which no inference runtime does."""
+    """Inference BatchNormalization (running statistics) unless ``training_mode=1`` asks
+    for the batch's own: ``onnx.reference`` also switches to batch statistics when an
+    opset-9 ``momentum`` attribute is merely present, which no inference runtime does."""
 
     def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=None, training_mode=None, is_test=None, spatial=None):
+        if training_mode:
+            return _TrainingBatchNorm.eval(x, scale, bias, mean, var, epsilon=epsilon, momentum=momentum,
+                                           training_mode=training_mode)
         shape = (-1,) + (1,) * (x.ndim - 2)
         eps = np.float32(1e-5 if epsilon is None else epsilon)
         y = scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) + bias.reshape(shape)
         extra = (mean, var)[: len(self.onnx_node.output) - 1]
         return (y.astype(x.dtype), *extra)
+
+
+@register_kernel
+class Loop(_OnnxLoop):
+    """``Loop`` whose scan outputs stack the per-iteration values along a new first axis
+    (``onnx.reference`` uses ``vstack``: scalars come out ``(N, 1)``, matrices concatenated)."""
+
+    def _run(self, M, cond, *args, context=None, body=None, attributes=None, bindings=None):  # noqa: N803 - ONNX names
+        names_in, names_out = self.body.input_names, self.body.output_names
+        carried = dict(zip(names_in[2:], args))
+        for name, value in (context or {}).items():
+            carried.setdefault(name, value)
+        state = [args[i] for i in range(self.N)]
+        scans: list[list[np.ndarray]] = [[] for _ in range(self.K)]
+        step = 0
+        while (cond is None or bool(cond)) and (M is None or step < int(M)):
+            feeds = dict(carried)
+            if names_in[0]:
+                feeds[names_in[0]] = np.array(step, dtype=np.int64 if M is None else M.dtype)
+            if names_in[1]:
+                feeds[names_in[1]] = np.asarray(True if cond is None else cond)
+            feeds.update(zip(names_in[2:], state))
+            outputs = self._run_body(feeds, attributes=attributes, bindings=bindings)
+            cond = outputs[0]
+            state = list(outputs[1 : 1 + self.N])
+            for k in range(self.K):
+                scans[k].append(np.asarray(outputs[1 + self.N + k]))
+            step += 1
+        stacked = [np.stack(values) if values else np.empty((0,), np.float32) for values in scans]
+        return self._check_and_fix_outputs(tuple(state) + tuple(stacked))
 
 
 @register_kernel

@@ -67,10 +67,18 @@ def only_user(value: ir.Value) -> ir.Node | None:
 
 
 def constant_value(value: ir.Value | None) -> np.ndarray | None:
-    """A float constant, or the dequantized value of ``DequantizeLinear(constant)`` (float64)."""
+    """A float constant, or the dequantized value of ``DequantizeLinear(constant)`` (float64),
+    possibly reshaped (a quantized ``(1, C, 1, 1)`` conv bias is ``Reshape(DQ(int32))``)."""
     c = const_array(value)
     if c is not None:
         return c.astype(np.float64)
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Reshape" and len(producer.inputs) > 1:
+        inner, shape = constant_value(producer.inputs[0]), const_array(producer.inputs[1])
+        if inner is None or shape is None:
+            return None
+        target = [inner.shape[i] if d == 0 else int(d) for i, d in enumerate(shape.tolist())]
+        return inner.reshape(target)
     source = qdq_source(value)
     if source is None:
         return None

@@ -1,5 +1,5 @@
-"""Import-time specialisation: inputs pinned to values, control flow whose condition is
-then known, recurrent ops unrolled.
+"""Import-time specialisation: inputs pinned to values, shape arithmetic folded, control
+flow whose condition is then known, recurrent ops unrolled.
 
 - ``--input-value NAME=VALUE`` (``input_values=`` in the API) turns a model input into a
   constant. Exporters route configuration through inputs (Silero VAD's sample rate ``sr``),
@@ -73,17 +73,27 @@ def pin_input_values(graph: onnx.GraphProto, values: Mapping[str, object]) -> No
 
 
 def needs_specialisation(model: ir.Model) -> bool:
-    return any(node.op_type in CONTROL_FLOW | RECURRENT_OPS for node in model.graph)
+    return any(node.op_type in CONTROL_FLOW | RECURRENT_OPS for node in model.graph) or _unshaped(model) > 0
+
+
+def _unshaped(model: ir.Model) -> int:
+    """Node outputs without an inferred shape: most often behind shape arithmetic that
+    exporters write out (``Reshape(x, Concat(Cast(Slice(Shape(y)))))``), which folds.
+    Graphs with a ``Loop``/``Scan`` are left alone: the folder rewrites loop bodies in ways
+    that change their scan outputs' shapes (ONNX's expanded ``Range`` tests)."""
+    if any(node.op_type in ("Loop", "Scan") for node in model.graph):
+        return 0
+    return sum(1 for node in model.graph for value in node.outputs if value.shape is None and value.uses())
 
 
 def specialise(model: ir.Model, infer) -> ir.Model:
-    """Inline ``If`` branches decided by constants and unroll recurrent ops. ``infer`` runs
-    shape inference on a model and returns it (inlined branches and unrolled steps need
-    shapes)."""
+    """Fold shape arithmetic until every shape is known, inline ``If`` branches decided by
+    constants and unroll recurrent ops. ``infer`` runs shape inference on a model and
+    returns it (folded reshapes, inlined branches and unrolled steps need shapes)."""
     def state():
         undecided = sum(1 for node in model.graph if node.op_type == "If")
         unshaped = sum(1 for node in model.graph if node.op_type in RECURRENT_OPS and static_shape(node.inputs[0]) is None)
-        return undecided + unshaped, sum(1 for _ in model.graph)
+        return undecided + unshaped + _unshaped(model), sum(1 for _ in model.graph)
 
     # Each round folds what the last one's shapes made constant (Shape of an inlined
     # branch's values, the conditions of the Ifs nested in it, a legacy export's shape

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from builders import make_model, rng, tensor
 from qcompiler.interpreter import ReferenceInterpreter
@@ -42,3 +42,30 @@ def test_global_max_pool_reduces_every_spatial_axis(shape):
     want, got = _both(model, {"x": x})
     assert got[0].shape == want[0].shape
     np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_loop_stacks_scan_outputs_along_a_new_axis():
+    """A Loop with a scalar and a 2x3 scan output: (N,) and (N, 2, 3), as onnxruntime
+    stacks them (onnx.reference's vstack gives (N, 1) and (2N, 3))."""
+    body = helper.make_graph(
+        [helper.make_node("Cast", ["i"], ["step_f"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["acc_in", "step_f"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["acc_out"], ["scalar_scan"]),
+         helper.make_node("Mul", ["x", "acc_out"], ["matrix_scan"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("scalar_scan", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("matrix_scan", TensorProto.FLOAT, [2, 3])])
+    loop = helper.make_node("Loop", ["trips", "", "acc0"], ["acc", "scalars", "matrices"], body=body)
+    model = make_model([loop], [tensor("x", [2, 3])],
+                       [tensor("acc", []), tensor("scalars", [4]), tensor("matrices", [4, 2, 3])],
+                       [numpy_helper.from_array(np.array(4, np.int64), "trips"), numpy_helper.from_array(np.array(0.5, np.float32), "acc0")])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    got = ReferenceInterpreter(import_proto(model)).run({"x": x})
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for name, expected in zip(["acc", "scalars", "matrices"], want):
+        assert got[name].shape == expected.shape, name
+        np.testing.assert_allclose(got[name], expected)
