@@ -135,7 +135,16 @@ def _import_owned_proto(
 
 
 def _reinfer_shapes(model: ir.Model) -> ir.Model:
-    proto = _infer_shapes(ir.to_proto(model))
+    """Shape inference again after folding: intermediate and output shapes are inferred
+    afresh (the ones recorded before came from fewer constants, or from the exporter, whose
+    declared output shapes can be wrong: ddddocr declares ``[1, seqlen]`` for a
+    ``(32, 1, 8210)`` output)."""
+    proto = ir.to_proto(model)
+    del proto.graph.value_info[:]
+    for output in proto.graph.output:
+        if output.type.HasField("tensor_type"):
+            output.type.tensor_type.ClearField("shape")
+    proto = _infer_shapes(proto)
     _check_value_sizes(proto.graph)
     return ir.from_proto(proto)
 

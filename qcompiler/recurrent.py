@@ -251,15 +251,30 @@ class _Step:
         lo, hi = self.emit.const("clip_lo", np.float32(-self.clip)), self.emit.const("clip_hi", np.float32(self.clip))
         return self.emit("Clip", [value, lo, hi], [self.batch, self.hidden])
 
-    def _recurrent(self, h: ir.Value, d: int, g: int) -> ir.Value:
+    def _recurrent(self, h: ir.Value, d: int, g: int) -> ir.Value | None:
+        """``h · R_gᵀ``; None for a zero state (the first step from a zero initial state)."""
+        if _is_zero(h):
+            return None
         return self.emit("MatMul", [h, self._r[d][g]], [self.batch, self.hidden])
+
+    def _sum(self, a: ir.Value | None, b: ir.Value | None) -> ir.Value | None:
+        """``a + b`` where None is 0."""
+        if a is None or b is None:
+            return b if a is None else a
+        return self.emit("Add", [a, b], [self.batch, self.hidden])
+
+    def _product(self, a: ir.Value, b: ir.Value) -> ir.Value | None:
+        """``a ⊙ b``; None when either is a zero constant."""
+        if _is_zero(a) or _is_zero(b):
+            return None
+        return self.emit("Mul", [a, b], [self.batch, self.hidden])
 
     def __call__(self, projected, t, h, c, d, weights, acts):
         emit, shape = self.emit, [self.batch, self.hidden]
         index = emit.const("t", np.array(t, np.int64))
         xw_t = [emit("Gather", [xw, index], shape, {"axis": 0}) for xw in projected]
         if self.op == "RNN":
-            pre = emit("Add", [xw_t[0], self._recurrent(h, d, 0)], shape)
+            pre = self._sum(xw_t[0], self._recurrent(h, d, 0))
             return acts[0](emit, self._pre(pre), shape), None
         if self.op == "GRU":
             return self._gru(xw_t, h, d, acts), None
@@ -268,37 +283,36 @@ class _Step:
     def _lstm(self, xw_t, h, c, d, weights, acts):
         emit, shape = self.emit, [self.batch, self.hidden]
         f_act, g_act, h_act = acts
-        i_pre, o_pre, f_pre, c_pre = (emit("Add", [xw_t[g], self._recurrent(h, d, g)], shape) for g in range(4))
+        i_pre, o_pre, f_pre, c_pre = (self._sum(xw_t[g], self._recurrent(h, d, g)) for g in range(4))
         peep = "P" in weights
         if peep:
             p_i, p_o, p_f = (_value(emit, weights.part(emit, "P", d, k * self.hidden, (k + 1) * self.hidden), "P")
                              for k in range(3))
-            i_pre = emit("Add", [i_pre, emit("Mul", [c, p_i], shape)], shape)
-            f_pre = emit("Add", [f_pre, emit("Mul", [c, p_f], shape)], shape)
+            i_pre = self._sum(i_pre, self._product(c, p_i))
+            f_pre = self._sum(f_pre, self._product(c, p_f))
         i = f_act(emit, self._pre(i_pre), shape)
         if self.input_forget:
             f = emit("Sub", [emit.const("one", np.float32(1)), i], shape)
         else:
             f = f_act(emit, self._pre(f_pre), shape)
         cand = g_act(emit, self._pre(c_pre), shape)
-        c_new = emit("Add", [emit("Mul", [f, c], shape), emit("Mul", [i, cand], shape)], shape)
+        c_new = self._sum(self._product(f, c), emit("Mul", [i, cand], shape))
         if peep:
-            o_pre = emit("Add", [o_pre, emit("Mul", [c_new, p_o], shape)], shape)
+            o_pre = self._sum(o_pre, self._product(c_new, p_o))
         o = f_act(emit, self._pre(o_pre), shape)
         return emit("Mul", [o, h_act(emit, c_new, shape)], shape), c_new
 
     def _gru(self, xw_t, h, d, acts):
         emit, shape = self.emit, [self.batch, self.hidden]
         f_act, g_act = acts
-        z = f_act(emit, self._pre(emit("Add", [xw_t[0], self._recurrent(h, d, 0)], shape)), shape)
-        r = f_act(emit, self._pre(emit("Add", [xw_t[1], self._recurrent(h, d, 1)], shape)), shape)
+        z = f_act(emit, self._pre(self._sum(xw_t[0], self._recurrent(h, d, 0))), shape)
+        r = f_act(emit, self._pre(self._sum(xw_t[1], self._recurrent(h, d, 1))), shape)
         if self.linear_before_reset:
-            hh = self._recurrent(h, d, 2)
-            if self._rb[d] is not None:
-                hh = emit("Add", [hh, self._rb[d]], shape)
-            h_pre = emit("Add", [xw_t[2], emit("Mul", [r, hh], shape)], shape)
+            hh = self._sum(self._recurrent(h, d, 2), self._rb[d])
+            h_pre = self._sum(xw_t[2], None if hh is None else emit("Mul", [r, hh], shape))
         else:
-            h_pre = emit("Add", [xw_t[2], self._recurrent(emit("Mul", [r, h], shape), d, 2)], shape)
+            reset = self._product(r, h)
+            h_pre = self._sum(xw_t[2], None if reset is None else self._recurrent(reset, d, 2))
         cand = g_act(emit, self._pre(h_pre), shape)
         return emit("Add", [cand, emit("Mul", [z, emit("Sub", [h, cand], shape)], shape)], shape)
 
@@ -316,10 +330,20 @@ def _masked(emit: _Emitter, seq_lens: ir.Value, t: int, h_pair, c_pair, batch: i
     return h, c, out
 
 
+def _is_zero(value: ir.Value | None) -> bool:
+    array = const_array(value) if value is not None else None
+    return array is not None and not np.any(array)
+
+
 def _initial_state(emit: _Emitter, value, d: int, layout: int, batch: int, hidden: int, tag: str) -> ir.Value:
+    """The direction's initial state; a constant stays a constant (a zero one then drops the
+    first step's recurrent products instead of multiplying by zeros)."""
     if value is None:
         return emit.const(f"{tag}0", np.zeros((batch, hidden), np.float32))
     axis = 1 if layout else 0
+    array = const_array(value)
+    if array is not None:
+        return emit.const(f"{tag}0_{d}", np.take(array, d, axis=axis).astype(np.float32))
     return emit("Gather", [value, emit.const("dir", np.array(d, np.int64))], [batch, hidden], {"axis": axis})
 
 
