@@ -538,6 +538,34 @@ class _Lowering(NonlinearLowering):
             return None
         return self._mean(node, out, list(range(2, len(shape))), keepdims=True)
 
+    def _op_AveragePool(self, node: ir.Node, out: QT):
+        """A windowed mean: a depthwise ``ConvInteger`` with weights 1 (padding reads the zero
+        point, so it adds 0) sums each window, requantized by ``s / (k·s_out)``. Exact when
+        every window counts ``k`` values: no padding, or padding counted (``count_include_pad``)."""
+        x = self.qin(node.inputs[0])
+        shape = _shape(node.inputs[0])
+        if x is None or x.axis is not None or shape is None or x.dtype not in _INT8:
+            return None
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        kernel = [int(k) for k in attrs["kernel_shape"]]
+        pads = [int(p) for p in attrs.get("pads", [0] * (2 * len(kernel)))]
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if attrs.get("ceil_mode", 0):
+            raise _Refuse("ceil_mode windows are partial at the edge")
+        padded = any(pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER")
+        if padded and not attrs.get("count_include_pad", 0):
+            raise _Refuse("padded windows that do not count the padding have varying sizes")
+        channels = shape[1]
+        ones = self.b.const(f"{node.name}_window", np.ones((channels, 1, *kernel), np.int8))
+        conv_attrs = {"group": channels, "kernel_shape": kernel}
+        conv_attrs.update({k: attrs[k] for k in ("strides", "dilations", "auto_pad") if k in attrs})
+        if "pads" in attrs:
+            conv_attrs["pads"] = pads
+        total = self.b.node("ConvInteger", [x.value, ones, self.b.const("x_zero_point", x.zero)], conv_attrs,
+                            dtype=np.int32, shape=_shape(node.outputs[0]), base=node.name)
+        window = int(np.prod(kernel))
+        return self.requantize(total, x.s / (out.s * window), out, shape=_shape(node.outputs[0]))
+
     def _op_ReduceMean(self, node: ir.Node, out: QT):
         shape = _shape(node.inputs[0])
         if shape is None:

@@ -239,3 +239,33 @@ def test_nearest_resize_on_integer_targets(tmp_path, target):
     calib = {k: np.stack([s[k] for s in upsample_samples()]) for k in ("x", "skip")}
     result = qcompiler.compile(upsample_model("nearest"), target, tmp_path / "out", preset="w8a8", calib=calib)
     assert result.manifest["verified"]["status"] == "bit-exact"
+
+
+def pool_model(**attrs):
+    r = rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["h"]),
+             helper.make_node("AveragePool", ["h"], ["y"], **attrs)]
+    inits = [init("w", r.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3)]
+    out = 4 if attrs.get("strides") else 8
+    return make_model(nodes, [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 4, out, out])], inits)
+
+
+@pytest.mark.parametrize("attrs,lowered", [
+    ({"kernel_shape": [2, 2], "strides": [2, 2]}, True),
+    ({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, True),
+    ({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, False),  # edge windows average fewer values
+])
+def test_average_pool_is_a_windowed_integer_sum(attrs, lowered, tmp_path):
+    import qcompiler
+
+    calib = {"x": rng(5).standard_normal((8, 1, 3, 8, 8)).astype(np.float32)}
+    model = to_ir(pool_model(**attrs))
+    x = calib["x"][0]
+    before = run(model, {"x": x})["y"]
+    ctx = PassContext(calibration=CalibrationData.from_samples([{"x": s} for s in calib["x"]]).bind(input_specs(model)))
+    run_pipeline(Pipeline.parse("insert-fake-quant,lower-integer"), model, ctx)
+    assert ("AveragePool" not in [n.op_type for n in model.graph]) == lowered
+    assert sqnr_db(before, run(model, {"x": x})["y"]) > 25
+    if lowered:
+        result = qcompiler.compile(pool_model(**attrs), "npu-sim", tmp_path / "out", preset="w8a8", calib=calib)
+        assert result.manifest["verified"]["status"] == "bit-exact"
