@@ -221,6 +221,48 @@ def _attrs(node: ir.Node) -> dict:
     return {name: attr.value for name, attr in node.attributes.items()}
 
 
+class _BiasAddIntoConv(Rule):
+    """``Add(Conv(x, W[, b]), c)`` with a per-output-channel constant ``c`` (shape ``(1, C, 1, …)``,
+    as paddle2onnx writes conv biases) → ``Conv(x, W, b + c)``, so that a BatchNorm after it
+    folds like any other (one rule per producer op and operand order)."""
+
+    def __init__(self, producer_op: str, swapped: bool):
+        super().__init__(name=f"BiasAddInto{producer_op}{'[swapped]' if swapped else ''}")
+        self.producer_op, self.swapped = producer_op, swapped
+
+    def pattern(self, op, x, c):
+        conv = getattr(op, self.producer_op)(x, _allow_other_inputs=True, _outputs=["z"])
+        return op.Add(c, conv) if self.swapped else op.Add(conv, c)
+
+    def check(self, context, x, c, z):
+        result = MatchResult()
+        producer = z.producer()
+        added = const_array(c)
+        if added is None or z.shape is None or len(z.uses()) != 1:
+            return result.fail("not a constant added to the conv's only use")
+        channels = z.shape[1]
+        rank = len(z.shape)
+        if not isinstance(channels, int) or added.ndim > rank:
+            return result.fail("unknown channels")
+        shape = (1,) * (rank - added.ndim) + added.shape
+        if added.size != channels or shape[1] != channels:
+            return result.fail("not one value per output channel")
+        if const_array(producer.inputs[1]) is None:
+            return result.fail("weights are not constant")
+        if len(producer.inputs) > 2 and producer.inputs[2] is not None and const_array(producer.inputs[2]) is None:
+            return result.fail("the conv's bias is not constant")
+        return result
+
+    def rewrite(self, op, x, c, z):
+        producer = z.producer()
+        added = const_array(c).reshape(-1).astype(np.float64)
+        old = producer.inputs[2] if len(producer.inputs) > 2 else None
+        bias = added + (const_array(old).astype(np.float64) if old is not None else 0.0)
+        dtype = const_array(producer.inputs[1]).dtype
+        b = op.initializer(ir.tensor(bias.astype(dtype)), name=producer.inputs[1].name + "_bias_added")
+        return getattr(op, self.producer_op)(x, producer.inputs[1], b, **_attrs(producer))
+
+
 @dataclass(frozen=True)
 class FoldBatchNorm(Pass):
     """Fold inference BatchNormalization into the preceding Conv, ConvTranspose or Gemm."""
@@ -228,9 +270,13 @@ class FoldBatchNorm(Pass):
     name = "fold-batchnorm"
 
     def run(self, model: ir.Model, ctx) -> bool:
+        if not any(n.op_type == "BatchNormalization" for n in model.graph):
+            return False
         rules = [_FoldBatchNormIntoConv, _FoldBatchNormIntoConvTranspose, _FoldBatchNormIntoGemm]
+        moved = PatternRewriter([_BiasAddIntoConv.rule(op, swapped) for op in ("Conv", "ConvTranspose")
+                                 for swapped in (False, True)]).apply(model)
         stats = PatternRewriter(rules).apply(model)
         remaining = [n for n in model.graph if n.op_type == "BatchNormalization"]
         if remaining:
             ctx.log(f"fold-batchnorm: {len(remaining)} BatchNorm left (e.g. {node_label(remaining[0])})")
-        return stats.total > 0
+        return stats.total + moved.total > 0

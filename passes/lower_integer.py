@@ -246,8 +246,12 @@ class _Lowering(NonlinearLowering):
             if attrs.get("transB", 0):
                 w_int = w_int.T
             s_w = s_w * alpha
-        elif op == "ConvTranspose":
-            raise _Refuse("ConvTranspose has no integer lowering yet")
+        conv_attrs = {k: a.value for k, a in node.attributes.items()}
+        if op == "ConvTranspose":
+            if x.dtype not in _INT8:
+                raise _Refuse("16-bit conv inputs have no integer lowering (ConvInteger is 8-bit)")
+            x, conv_attrs, w_int = self._transposed_as_conv(node, x, w_int)
+            op = "Conv"
         acc_shape = _shape(node.outputs[0])
         x_range = self._range(x)
         if op == "Conv":
@@ -263,9 +267,8 @@ class _Lowering(NonlinearLowering):
                 raise _Refuse("16-bit conv inputs have no integer lowering (ConvInteger is 8-bit)")
             if acc == np.int64:
                 raise _Refuse(f"conv accumulator bound {bound:.3g} exceeds int32")
-            attrs = {k: a.value for k, a in node.attributes.items()}
             acc_value = self.b.node("ConvInteger", [x.value, self.b.const(f"{node.name}_w", w_int.astype(np.int8)), self.b.const("x_zero_point", x.zero)],
-                                    attrs, dtype=np.int32, shape=acc_shape, base=node.name)
+                                    conv_attrs, dtype=np.int32, shape=acc_shape, base=node.name)
             channel_axis = 1
         else:
             w_stored = w_int.astype(np.int8) if w_int.dtype.itemsize == 1 or w_int.dtype.name.startswith("int4") else w_int
@@ -285,6 +288,54 @@ class _Lowering(NonlinearLowering):
         real = x.s * s_w / out.s
         return self.requantize(acc_value, real if real.size > 1 else float(real[0]), out, axis=channel_axis, qmin=qmin, qmax=qmax, shape=_shape(group.output))
 
+    def _transposed_as_conv(self, node: ir.Node, x: QT, w_int: np.ndarray):
+        """``ConvTranspose`` as a ``ConvInteger``: the input with ``stride − 1`` zero points
+        between its elements (Reshape, Pad, Reshape, Slice: data movement), padded by
+        ``d·(k − 1) − pad`` (cropped where that is negative), convolved with the kernel
+        flipped and its channel axes swapped (``W'[o, i] = W[i, o, ::-1, …]``)."""
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        shape = _shape(node.inputs[0])
+        if attrs.get("group", 1) != 1 or shape is None or not all(isinstance(d, int) for d in shape):
+            raise _Refuse("grouped ConvTranspose or unknown input shape")
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or "output_shape" in attrs:
+            raise _Refuse("ConvTranspose with auto_pad SAME or output_shape")
+        spatial = len(shape) - 2
+        kernel = list(w_int.shape[2:])
+        strides = [int(v) for v in attrs.get("strides", [1] * spatial)]
+        dilations = [int(v) for v in attrs.get("dilations", [1] * spatial)]
+        pads = [int(v) for v in attrs.get("pads", [0] * (2 * spatial))]
+        extra = [int(v) for v in attrs.get("output_padding", [0] * spatial)]
+        value, dims = x.value, list(shape)
+        zero = self.b.const("pad_value", np.asarray(x.zero, dtype=x.dtype).reshape(()))
+        if any(s > 1 for s in strides):
+            # [N, C, H, W] → [N, C, H, 1, W, 1] → pad each 1 to s with the zero point → [N, C, H·s, W·s]
+            split = [dims[0], dims[1]] + [v for d in dims[2:] for v in (d, 1)]
+            value = self.b.node("Reshape", [value, self.b.const("shape", np.array(split, np.int64))], dtype=x.dtype, shape=split, base=node.name)
+            grow = [0] * len(split) * 2
+            for i, s in enumerate(strides):
+                grow[len(split) + 3 + 2 * i] = s - 1
+            spread = [dims[0], dims[1]] + [v for d, s in zip(dims[2:], strides) for v in (d, s)]
+            value = self.b.node("Pad", [value, self.b.const("pads", np.array(grow, np.int64)), zero], dtype=x.dtype, shape=spread, base=node.name)
+            dims = [dims[0], dims[1]] + [d * s for d, s in zip(dims[2:], strides)]
+            value = self.b.node("Reshape", [value, self.b.const("shape", np.array(dims, np.int64))], dtype=x.dtype, shape=dims, base=node.name)
+            kept = [(d // s - 1) * s + 1 for d, s in zip(dims[2:], strides)]
+            value = self.b.node("Slice", [value, self.b.const("starts", np.zeros(spatial, np.int64)), self.b.const("ends", np.array(kept, np.int64)),
+                                          self.b.const("axes", np.arange(2, 2 + spatial, dtype=np.int64))],
+                                dtype=x.dtype, shape=dims[:2] + kept, base=node.name)
+            dims = dims[:2] + kept
+        begin = [d * (k - 1) - p for d, k, p in zip(dilations, kernel, pads[:spatial])]
+        end = [d * (k - 1) - p + e for d, k, p, e in zip(dilations, kernel, pads[spatial:], extra)]
+        if any(v < 0 for v in begin + end):  # crop what the transposed conv's padding removes
+            starts = [max(0, -v) for v in begin]
+            ends = [n - max(0, -v) for n, v in zip(dims[2:], end)]
+            value = self.b.node("Slice", [value, self.b.const("starts", np.array(starts, np.int64)), self.b.const("ends", np.array(ends, np.int64)),
+                                          self.b.const("axes", np.arange(2, 2 + spatial, dtype=np.int64))],
+                                dtype=x.dtype, shape=dims[:2] + [e - s for s, e in zip(starts, ends)], base=node.name)
+            begin, end = [max(0, v) for v in begin], [max(0, v) for v in end]
+        flipped = np.flip(np.swapaxes(w_int, 0, 1), axis=tuple(range(2, 2 + spatial)))
+        conv_attrs = {"dilations": dilations, "pads": begin + end, "kernel_shape": kernel}
+        return QT(value, x.scale, x.zero), conv_attrs, np.ascontiguousarray(flipped)
+
     def _range(self, x: QT) -> float:
         lo, hi = intops.int_range(x.dtype)
         return float(max(abs(lo - x.z), abs(hi - x.z)))
@@ -293,7 +344,7 @@ class _Lowering(NonlinearLowering):
         if group.bias_add is not None:
             add = group.bias_add
             value = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-        elif node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        elif node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2] is not None:
             value = node.inputs[2]
         else:
             return None

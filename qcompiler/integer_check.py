@@ -36,5 +36,16 @@ def first_float_compute(model: ir.Model) -> str | None:
                         "integer targets need calibrated integer activations; pass --calib DATA "
                         "(presets w8a8/w4a8)"
                     )
-                return f"{node_label(node)} computes the float tensor '{out.name}'"
+                return _float_island(node, out)
     return None
+
+
+def _float_island(node: ir.Node, out: ir.Value) -> str:
+    """Name the op that stayed in float rather than the DequantizeLinear feeding it."""
+    if node.op_type == "DequantizeLinear":
+        readers = [use.node for use in out.uses() if use.node.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+        if readers:
+            reader = readers[0]
+            return (f"{node_label(reader)} has no integer form here and stays in float (it reads the dequantized "
+                    f"'{out.name}'; the report's integer_lowering.kept_float says why)")
+    return f"{node_label(node)} computes the float tensor '{out.name}'"

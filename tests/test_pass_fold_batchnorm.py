@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import helper
 
 from builders import cnn_bn, init, make_model, rng, run, tensor, to_ir
@@ -94,3 +95,26 @@ def test_does_not_fire_when_conv_output_is_shared_or_weights_not_constant():
     model = to_ir(make_model(nodes, [tensor("x", [1, 2, 3, 3]), tensor("w", [2, 2, 1, 1])], [tensor("y", [1, 2, 3, 3])], inits[1:]))
     apply(model)
     assert [n.op_type for n in model.graph].count("BatchNormalization") == 1
+
+
+@pytest.mark.parametrize("op,swapped", [("Conv", False), ("ConvTranspose", True)])
+def test_bias_added_after_the_conv_then_batchnorm(op, swapped):
+    """paddle2onnx writes ``BN(Add(ConvTranspose(x, W), bias(1, C, 1, 1)))``: the bias moves
+    into the conv, then the BatchNorm folds; float-exact."""
+    r = rng(6)
+    c_in, c_out = 3, 4
+    w = r.standard_normal((c_out, c_in, 3, 3) if op == "Conv" else (c_in, c_out, 2, 2)).astype(np.float32) * 0.3
+    attrs = {"pads": [1, 1, 1, 1]} if op == "Conv" else {"strides": [2, 2]}
+    nodes = [helper.make_node(op, ["x", "w"], ["z"], **attrs),
+             helper.make_node("Add", ["c", "z"] if swapped else ["z", "c"], ["zb"]),
+             helper.make_node("BatchNormalization", ["zb", "g", "b", "m", "v"], ["y"])]
+    inits = [init("w", w), init("c", r.standard_normal((1, c_out, 1, 1)).astype(np.float32)),
+             init("g", r.uniform(0.5, 1.5, c_out).astype(np.float32)), init("b", r.normal(0, 0.1, c_out).astype(np.float32)),
+             init("m", r.normal(0, 0.1, c_out).astype(np.float32)), init("v", r.uniform(0.5, 2, c_out).astype(np.float32))]
+    out = [1, c_out, 8, 8] if op == "Conv" else [1, c_out, 16, 16]
+    model = to_ir(make_model(nodes, [tensor("x", [1, c_in, 8, 8])], [tensor("y", out)], inits))
+    x = r.standard_normal((1, c_in, 8, 8)).astype(np.float32)
+    before = run(model, {"x": x})["y"]
+    run_pipeline(Pipeline.parse("fold-batchnorm"), model, PassContext())
+    assert [n.op_type for n in model.graph] == [op]
+    np.testing.assert_allclose(run(model, {"x": x})["y"], before, rtol=1e-5, atol=1e-5)
