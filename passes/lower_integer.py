@@ -378,8 +378,10 @@ class _Lowering(NonlinearLowering):
             if negate:
                 mb = -mb
             return self._int_add(a.value, a.zero, b.value, b.zero, out, ma, mb, k, shape)
-        if a is None and b is not None and not negate:
+        negate_x = False  # c − x: the variable is the one subtracted
+        if a is None and b is not None:
             a, b, node_inputs = b, None, (node.inputs[1], node.inputs[0])
+            negate_x, negate = negate, False
         else:
             node_inputs = (node.inputs[0], node.inputs[1])
         if a is None:
@@ -391,6 +393,8 @@ class _Lowering(NonlinearLowering):
         c_scale = max(float(np.max(np.abs(c), initial=0.0)) / 2**30, out.s / 2**8, 1e-30)
         c_int = np.round(c / c_scale).astype(np.int32)
         ma, mb, k = intops.add_constants(a.s, c_scale, out.s)
+        if negate_x:
+            ma = -ma
         return self._int_add(a.value, a.zero, self.b.const("addend", c_int), np.int32(0), out, ma, mb, k, shape)
 
     def _int_add(self, a, za, b, zb, out: QT, ma, mb, k, shape):
@@ -439,7 +443,9 @@ class _Lowering(NonlinearLowering):
             shape = list(np.broadcast_shapes(tuple(x.value.shape), c.shape))
         rank = len(shape) if shape is not None else None
         squeezed = [i for i, d in enumerate(c.shape) if d != 1]
-        if rank is not None and len(squeezed) == 1 and rank >= c.ndim:
+        caps = getattr(self.ctx, "target", None)
+        per_channel = caps is None or getattr(caps, "per_channel_activation_scale", True)
+        if rank is not None and len(squeezed) == 1 and rank >= c.ndim and per_channel:
             axis = squeezed[0] + rank - c.ndim
             return self.requantize(x.value, x.s * c.reshape(-1) / out.s, out, x_zero=x.zero, axis=axis, shape=shape)
         peak = float(np.max(np.abs(c), initial=0.0)) or 1.0

@@ -43,6 +43,9 @@ class Capabilities:
     runnable_here: bool = True
     #: Weights must be symmetric (zero point 0).
     symmetric_weights: bool = False
+    #: Activations may be rescaled per channel (a product by a constant vector as one
+    #: requantize); else such products are integer multiplies by an int16 constant.
+    per_channel_activation_scale: bool = True
 
     def fit_weights(self, fmt):
         """``(format, note)``: the weight format this target takes closest to ``fmt`` (the

@@ -179,6 +179,7 @@ class NpuSimTarget(TVMTarget):
 
     name = "npu-sim"
     capabilities = Capabilities(
+        per_channel_activation_scale=False,
         integer_only=True,
         weight_bits=frozenset({4, 8}),
         activation_bits=frozenset({8, 16}),

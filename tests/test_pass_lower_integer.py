@@ -299,3 +299,39 @@ def test_conv_transpose_lowers_to_a_conv_integer(attrs, tmp_path):
     assert sqnr_db(before, run(model, {"x": x})["y"]) > 25
     result = qcompiler.compile(proto, "npu-sim", tmp_path / "out", preset="w8a8", calib=calib)
     assert result.manifest["verified"]["status"] == "bit-exact"
+
+
+def test_constant_minus_activation(tmp_path):
+    """``anchors − distances`` (YOLOv8's dist2bbox): a constant minus a quantized tensor is an
+    IntAdd with a negative multiplier; bit-exact on npu-sim."""
+    import qcompiler
+
+    r = rng(11)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["d"]), helper.make_node("Sub", ["anchors", "d"], ["y"])]
+    inits = [init("w", r.standard_normal((6, 4)).astype(np.float32)), init("anchors", r.uniform(0, 80, (5, 4)).astype(np.float32))]
+    proto = make_model(nodes, [tensor("x", [5, 6])], [tensor("y", [5, 4])], inits)
+    calib = {"x": rng(12).standard_normal((8, 5, 6)).astype(np.float32)}
+    result = qcompiler.compile(proto, "npu-sim", tmp_path / "out", preset="w8a8", calib=calib)
+    assert result.manifest["verified"]["status"] == "bit-exact"
+    x = calib["x"][0]
+    got = qcompiler.load(tmp_path / "out").run({"x": x})["y"]
+    reference = run(to_ir(proto), {"x": x})["y"]
+    assert sqnr_db(reference, got) > 30
+
+
+@pytest.mark.parametrize("target,op", [("npu-sim", "IntMul"), ("host", "Requantize")])
+def test_product_by_a_vector_follows_the_target(target, op, tmp_path):
+    """``boxes · strides`` (a constant varying along one axis): one per-channel requantize
+    where the target rescales activations per channel, an IntMul by an int16 constant on
+    the NPU (per-tensor activation scales only)."""
+    import qcompiler
+
+    r = rng(13)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["d"]), helper.make_node("Mul", ["d", "strides"], ["y"])]
+    inits = [init("w", r.standard_normal((6, 4)).astype(np.float32)), init("strides", np.array([[8.0], [8.0], [16.0], [32.0], [32.0]], np.float32))]
+    proto = make_model(nodes, [tensor("x", [5, 6])], [tensor("y", [5, 4])], inits)
+    calib = {"x": rng(14).standard_normal((8, 5, 6)).astype(np.float32)}
+    result = qcompiler.compile(proto, target, tmp_path / "out", preset="w8a8", calib=calib)
+    assert result.manifest["verified"]["status"] == "bit-exact"
+    ops = [n.op_type for n in result.model.graph]
+    assert op in ops
