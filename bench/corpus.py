@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import foreign_models as corpus  # noqa: E402
+import foreign_models as corpus
 
 
 def cpu_model() -> str:
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     targets = tuple(args.targets.split(","))
     work = args.work or Path(tempfile.mkdtemp(prefix="qcompiler-corpus-"))
     print(f"CPU: {cpu_model()}; work folder {work}")
-    print(f"| model | exporter | opset | params | float max diff vs onnxruntime | w8a8 output SQNR; task metric | "
+    print("| model | exporter | opset | params | float max diff vs onnxruntime | w8a8 output SQNR; task metric | "
           + " | ".join(targets) + " |")
     print("|" + "---|" * (6 + len(targets)))
     for model in chosen:

@@ -566,6 +566,30 @@ class _Lowering(NonlinearLowering):
         attrs = {k: a.value for k, a in node.attributes.items()}
         return self.b.node("Concat", aligned, attrs, dtype=out.dtype, shape=_shape(node.outputs[0]), base=node.name)
 
+    def _op_Max(self, node: ir.Node, out: QT):
+        """Max/Min commute with a common increasing quantization: each input re-expressed with
+        the output's parameters, then the integer Max/Min."""
+        parts = [self.qin(v) for v in node.inputs]
+        if not parts or any(p is None or p.axis is not None for p in parts):
+            return None
+        aligned = [self.align(p, out, _shape(v)) for p, v in zip(parts, node.inputs)]
+        return self.b.node(node.op_type, aligned, dtype=out.dtype, shape=_shape(node.outputs[0]), base=node.name)
+
+    _op_Min = _op_Max
+
+    def _op_ReduceMax(self, node: ir.Node, out: QT):
+        """The largest integer is the largest value (the scale is positive): reduce, then
+        re-express with the output's parameters."""
+        x = self.qin(node.inputs[0])
+        if x is None or x.axis is not None or any(v is not None and const_array(v) is None for v in node.inputs[1:]):
+            return None
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        reduced = self.b.node(node.op_type, [x.value, *node.inputs[1:]], attrs, dtype=x.dtype, shape=_shape(node.outputs[0]), base=node.name)
+        return self.align(QT(reduced, x.scale, x.zero), out, _shape(node.outputs[0]))
+
+    _op_ReduceMin = _op_ReduceMax
+    _op_GlobalMaxPool = _op_ReduceMax
+
     def _op_Where(self, node: ir.Node, out: QT):
         cond, a, b = node.inputs
         if is_float(cond):

@@ -101,8 +101,8 @@ class Loop(_OnnxLoop):
     """``Loop`` whose scan outputs stack the per-iteration values along a new first axis
     (``onnx.reference`` uses ``vstack``: scalars come out ``(N, 1)``, matrices concatenated)."""
 
-    def _run(self, M, cond, *args, context=None, body=None, attributes=None, bindings=None):  # noqa: N803 - ONNX names
-        names_in, names_out = self.body.input_names, self.body.output_names
+    def _run(self, M, cond, *args, context=None, body=None, attributes=None, bindings=None):
+        names_in = self.body.input_names
         carried = dict(zip(names_in[2:], args))
         for name, value in (context or {}).items():
             carried.setdefault(name, value)

@@ -37,7 +37,7 @@ COST_FILE = "cost.json"
 _ACCUMULATE = {("", "MatMulInteger"), ("", "ConvInteger"), (QC_DOMAIN, "IntMatMul")}
 #: Standard ops of the vector unit (every integer op other than the matmul is one too:
 #: its decomposition is fixed-point vector arithmetic).
-_VECTOR = {("", "Add"), ("", "ReduceSum"), ("", "Cast"), ("", "MaxPool")}
+_VECTOR = {("", op) for op in "Add ReduceSum Cast MaxPool Max Min ReduceMax ReduceMin GlobalMaxPool".split()}
 _MOVE = {("", op) for op in (
     "Reshape Transpose Squeeze Unsqueeze Flatten Concat Split Slice Gather GatherElements GatherND "
     "Expand Where Pad Equal Less Greater And Or Not Identity Constant Shape Dropout Resize"

@@ -335,3 +335,29 @@ def test_product_by_a_vector_follows_the_target(target, op, tmp_path):
     assert result.manifest["verified"]["status"] == "bit-exact"
     ops = [n.op_type for n in result.model.graph]
     assert op in ops
+
+
+@pytest.mark.parametrize("tail", ["Max", "ReduceMax", "GlobalMaxPool"])
+def test_max_ops_are_integer(tail, tmp_path):
+    """Max, ReduceMax and GlobalMaxPool commute with the (increasing) quantization."""
+    import qcompiler
+
+    r = rng(15)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1])]
+    if tail == "Max":
+        nodes.append(helper.make_node("Max", ["a", "b"], ["y"]))
+        out = [1, 4, 6, 6]
+    elif tail == "ReduceMax":
+        nodes.append(helper.make_node("ReduceMax", ["a"], ["y"], axes=[2, 3], keepdims=1))
+        out = [1, 4, 1, 1]
+    else:
+        nodes.append(helper.make_node("GlobalMaxPool", ["a"], ["y"]))
+        out = [1, 4, 1, 1]
+    inits = [init("w", r.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3), init("w2", r.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3)]
+    proto = make_model(nodes, [tensor("x", [1, 3, 6, 6])], [tensor("y", out)], inits)
+    calib = {"x": rng(16).standard_normal((8, 1, 3, 6, 6)).astype(np.float32)}
+    result = qcompiler.compile(proto, "npu-sim", tmp_path / "out", preset="w8a8", calib=calib)
+    assert result.manifest["verified"]["status"] == "bit-exact"
+    assert tail in [n.op_type for n in result.model.graph]
+    got = qcompiler.load(tmp_path / "out").run({"x": calib["x"][0]})["y"]
+    assert sqnr_db(run(to_ir(proto), {"x": calib["x"][0]})["y"], got) > 30
