@@ -332,7 +332,7 @@ CORPUS: list[ForeignModel] = [
         "silero-vad-sequence", "silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx", "torch 2.11 (dynamo), LSTM",
         lambda r: {"input": np.stack([voice(r, 576) for _ in range(4)]), "h": np.zeros((1, 1, 128), np.float32),
                    "c": np.zeros((1, 1, 128), np.float32)},
-        lambda f, q: probability(f, q), fast=True, what="4 chunks through an LSTM node"),
+        lambda f, q: probability(f, q), what="4 chunks through an LSTM node"),
     ForeignModel(
         "silero-vad-openvino", "silero-vad==6.2.3", "silero_vad/data/silero_vad_openvino_16k.onnx", "spox, LSTM",
         _vad(False, 576), lambda f, q: probability(f, q), what="LSTM node, fixed 576-sample input"),
