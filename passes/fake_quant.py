@@ -25,7 +25,7 @@ import onnx_ir.passes.common as ir_common
 from qcompiler.calibration import ActivationStats, activation_values
 from qcompiler import qstate
 from qcompiler.graph import NameFactory, add_initializer, const_array, ensure_opset, node_label
-from qcompiler.histogram import estimate_sqnr_db
+from qcompiler.histogram import estimate_sqnr_db, estimate_sqnr_through_db
 from qcompiler.pipeline import Pass, option
 from qcompiler.qdq import (
     BOUNDED_RANGES, input_derived, insert_qdq, is_float, linear_group, moves_values,
@@ -253,6 +253,10 @@ class InsertFakeQuant(Pass):
             tensor_stats = stats[value.name]
             ranges, how = self._ranges(value, producer, fmt, tensor_stats, derived, stats, plan)
             sqnr = estimate_sqnr_db(tensor_stats.hist, *ranges[fmt.bits], 2**fmt.bits)
+            through = _sqnr_through_reader(value, tensor_stats.hist, ranges[fmt.bits], fmt.bits)
+            if through is not None and through < sqnr:
+                how += f" ({through:.1f} dB through its {value.uses()[0].node.op_type})"
+                sqnr = through
             conv_input = _read_by_conv(value)  # convolutions take 8-bit inputs only
             if wide_allowed and fmt.bits == 8 and self.wide_outside_products and not _feeds_only_products(value) and not conv_input:
                 fmt = dataclasses.replace(fmt, bits=16)
@@ -387,6 +391,19 @@ def _nan_guarded(node: ir.Node | None) -> ir.Value | None:
     if check is None or check.op_type != "IsNaN" or check.inputs[0] is not value or constant is None:
         return None
     return value if constant.size == 1 and float(constant.reshape(-1)[0]) == 0.0 else None
+
+
+#: Element-wise readers that magnify quantization steps where their slope is steep.
+_STEEP_READERS = {"Sqrt": np.sqrt, "Log": np.log, "Reciprocal": lambda x: 1.0 / x}
+
+
+def _sqnr_through_reader(value: ir.Value, hist, bounds, bits: int) -> float | None:
+    """The estimated SQNR after the tensor's only reader when that reader is steep (√, log,
+    1/x): what decides whether 8 bits are enough for it."""
+    uses = value.uses()
+    if len(uses) != 1 or uses[0].node.op_type not in _STEEP_READERS:
+        return None
+    return estimate_sqnr_through_db(hist, *bounds, 2**bits, _STEEP_READERS[uses[0].node.op_type])
 
 
 def _read_by_conv(value: ir.Value, depth: int = 0) -> bool:

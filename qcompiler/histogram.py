@@ -132,6 +132,28 @@ def _abs_quantile(counts: np.ndarray, w: float, q: float) -> float:
     return float((i + min(max(inside, 0.0), 1.0)) * w)
 
 
+def estimate_sqnr_through_db(hist: AdaptiveHistogram, lo: float, hi: float, levels: int, function) -> float:
+    """SQNR (dB) of ``f(x)`` when ``x`` is quantized to ``levels`` steps on [lo, hi] before ``f``
+    is applied: ``10·log10(E[f(x)²] / E[(f(x) − f(Q(x)))²])`` over the histogram's bins. A
+    square root or a logarithm after a quantized tensor magnifies the steps near 0, which
+    the tensor's own SQNR does not show."""
+    counts = hist.counts[0].astype(np.float64)
+    edges = hist.edges()
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    step = (hi - lo) / (levels - 1) if hi > lo else 1e-12
+    rounded = np.round((np.clip(centers, lo, hi) - lo) / step) * step + lo
+    with np.errstate(all="ignore"):
+        exact, quantized = function(centers), function(rounded)
+    keep = np.isfinite(exact) & np.isfinite(quantized)
+    signal = float(np.sum(counts[keep] * exact[keep] ** 2))
+    noise = float(np.sum(counts[keep] * (exact[keep] - quantized[keep]) ** 2))
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
 def _quant_mse(centers: np.ndarray, counts: np.ndarray, lo: float, hi: float, levels: int) -> float:
     """Expected squared error of quantizing a histogram to ``levels`` steps on [lo, hi]."""
     step = (hi - lo) / (levels - 1) if hi > lo else 1e-12

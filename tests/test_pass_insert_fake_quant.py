@@ -251,3 +251,17 @@ def test_conv_inputs_are_not_widened():
     row = next(r for r in ctx.report["activations"] if r["tensor"] == "x")
     assert row["format"].startswith("int8") and "a convolution reads it" in row["method"]
     assert "Conv" not in ops(model) and "ConvInteger" in ops(model)
+
+
+@pytest.mark.parametrize("reader,widened", [("Sqrt", True), ("Relu", False)])
+def test_steep_reader_decides_the_width(reader, widened):
+    """A power spectrum (heavy-tailed, mostly near 0) is fine at 8 bits on its own, but its
+    square root magnifies the steps near 0: judged through the Sqrt, it gets 16 bits."""
+    nodes = [helper.make_node("Mul", ["x", "x"], ["power"]), helper.make_node(reader, ["power"], ["y"])]
+    model = to_ir(make_model(nodes, [tensor("x", [1, 256])], [tensor("y", [1, 256])]))
+    samples = [{"x": (rng(i).standard_normal((1, 256)) * np.geomspace(0.05, 20, 256)).astype(np.float32)} for i in range(16)]
+    ctx = PassContext(calibration=CalibrationData.from_samples(samples).bind(input_specs(model)))
+    run_pipeline(Pipeline.parse("insert-fake-quant{wide_below_db=30.0}"), model, ctx)
+    row = next(r for r in ctx.report["activations"] if r["tensor"] == "power")
+    assert row["format"].startswith("int16") == widened, row
+    assert ("through its Sqrt" in row["method"]) == widened
