@@ -109,6 +109,7 @@ def test_pins_are_checked():
         import_proto(proto, input_values={"sr": [1, 2, 3]})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["npu-sim", "host"])
 def test_targets_refuse_undecided_if_naming_the_pin(cli, tmp_path, target):
     path = save(sample_rate_model(), tmp_path / "m.onnx")
@@ -121,6 +122,7 @@ def test_targets_refuse_undecided_if_naming_the_pin(cli, tmp_path, target):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_input_value_compiles_the_branch_taken(cli, tmp_path):
     proto = sample_rate_model(nested=True)
     path = save(proto, tmp_path / "m.onnx")

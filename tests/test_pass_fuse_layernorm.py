@@ -78,6 +78,7 @@ def test_other_means_are_left_alone():
     assert "LayerNormalization" not in [n.op_type for n in model.graph]
 
 
+@pytest.mark.slow
 def test_fused_layernorm_lowers_to_integer(tmp_path):
     import qcompiler
 

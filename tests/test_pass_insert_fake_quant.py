@@ -185,6 +185,7 @@ def test_concat_of_alike_parts_stays_8_bit():
     assert row["format"].startswith("int8")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["npu-sim", "host"])
 def test_widened_concat_lowers_bit_exact(tmp_path, target):
     import qcompiler
@@ -212,6 +213,7 @@ def test_dead_channel_keeps_its_bias():
     assert sqnr_db(x @ w + b, after) > 25
 
 
+@pytest.mark.slow
 def test_bias_of_a_nearly_dead_channel_fits_int32(tmp_path):
     """A folded BatchNorm with a tiny γ leaves a channel with ~1e-9 weights and a real bias:
     at s_x·s_w its bias needs more than 2^31 steps. The channel's weight scale grows until

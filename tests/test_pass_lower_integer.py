@@ -233,6 +233,7 @@ def test_nearest_resize_moves_integers(mode, lowered):
     assert sqnr_db(before, run(model, feeds)["y"]) > 25
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["npu-sim", "host"])
 def test_nearest_resize_on_integer_targets(tmp_path, target):
     import qcompiler
@@ -251,6 +252,7 @@ def pool_model(**attrs):
     return make_model(nodes, [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 4, out, out])], inits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attrs,lowered", [
     ({"kernel_shape": [2, 2], "strides": [2, 2]}, True),
     ({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, True),
@@ -272,6 +274,7 @@ def test_average_pool_is_a_windowed_integer_sum(attrs, lowered, tmp_path):
         assert result.manifest["verified"]["status"] == "bit-exact"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attrs", [
     {"strides": [2, 2]},  # the FPN/DB-head upsample
     {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
@@ -301,6 +304,7 @@ def test_conv_transpose_lowers_to_a_conv_integer(attrs, tmp_path):
     assert result.manifest["verified"]["status"] == "bit-exact"
 
 
+@pytest.mark.slow
 def test_constant_minus_activation(tmp_path):
     """``anchors − distances`` (YOLOv8's dist2bbox): a constant minus a quantized tensor is an
     IntAdd with a negative multiplier; bit-exact on npu-sim."""
@@ -319,6 +323,7 @@ def test_constant_minus_activation(tmp_path):
     assert sqnr_db(reference, got) > 30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,op", [("npu-sim", "IntMul"), ("host", "Requantize")])
 def test_product_by_a_vector_follows_the_target(target, op, tmp_path):
     """``boxes · strides`` (a constant varying along one axis): one per-channel requantize
@@ -337,6 +342,7 @@ def test_product_by_a_vector_follows_the_target(target, op, tmp_path):
     assert op in ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tail", ["Max", "ReduceMax", "GlobalMaxPool"])
 def test_max_ops_are_integer(tail, tmp_path):
     """Max, ReduceMax and GlobalMaxPool commute with the (increasing) quantization."""
