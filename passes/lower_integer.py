@@ -318,8 +318,7 @@ class _Lowering(NonlinearLowering, StructuralLowering):
         if activation.op_type == "Relu":
             return out.z, None
         hi = const_array(activation.inputs[2]) if len(activation.inputs) > 2 and activation.inputs[2] is not None else None
-        qmax = None if hi is None else out.z + int(math.floor(float(hi) / out.s + 0.5))
-        return out.z, qmax
+        return out.z, _bound_level(hi, out, upper=True)
 
     # -- elementwise --------------------------------------------------------------------
 
@@ -425,8 +424,7 @@ class _Lowering(NonlinearLowering, StructuralLowering):
             return None
         lo = _dequantized_constant(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
         hi = _dequantized_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        qmin = None if lo is None else out.z + int(math.ceil(float(lo) / out.s - 0.5))
-        qmax = None if hi is None else out.z + int(math.floor(float(hi) / out.s + 0.5))
+        qmin, qmax = _bound_level(lo, out, upper=False), _bound_level(hi, out, upper=True)
         return self.requantize(x.value, x.s / out.s, out, x_zero=x.zero, qmin=qmin, qmax=qmax, shape=_shape(node.outputs[0]))
 
     # -- matmul of two activations -------------------------------------------------------
@@ -532,6 +530,18 @@ class _Lowering(NonlinearLowering, StructuralLowering):
             result.name, q_node.outputs[0].name = q_node.outputs[0].name, self.b.names(f"{q_node.outputs[0].name}_old")
             q_node.outputs[0].replace_all_uses_with(result, replace_graph_outputs=True)
         self.lowered += 1
+
+
+def _bound_level(bound, out: QT, *, upper: bool) -> int | None:
+    """A clip bound as a level of the output's integer type; None when it lies beyond the
+    type's range (``Clip(x, 0, FLT_MAX)``, ``inf``: the type saturates first)."""
+    if bound is None:
+        return None
+    steps = float(np.asarray(bound, np.float64).reshape(-1)[0]) / out.s
+    lo, hi = intops.int_range(out.dtype)
+    if not np.isfinite(steps) or not lo - 1 <= steps + float(np.asarray(out.zero).reshape(-1)[0]) <= hi + 1:
+        return None
+    return out.z + (int(math.floor(steps + 0.5)) if upper else int(math.ceil(steps - 0.5)))
 
 
 def _drop_redundant_qdq(model: ir.Model) -> None:

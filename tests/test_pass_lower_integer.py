@@ -367,3 +367,19 @@ def test_max_ops_are_integer(tail, tmp_path):
     assert tail in [n.op_type for n in result.model.graph]
     got = qcompiler.load(tmp_path / "out").run({"x": calib["x"][0]})["y"]
     assert sqnr_db(run(to_ir(proto), {"x": calib["x"][0]})["y"], got) > 30
+
+
+@pytest.mark.parametrize("hi", [np.inf, np.finfo(np.float32).max])
+def test_clip_to_infinity_is_a_one_sided_clip(hi):
+    """Exporters write a one-sided clamp as Clip(x, 0, FLT_MAX) or with an infinite bound: the
+    bound beyond the output type's range is dropped (was an internal error)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Clip", ["h", "lo", "hi"], ["y"])]
+    inits = [init("w", rng(17).standard_normal((6, 4)).astype(np.float32)), init("lo", np.array(1e-10, np.float32)),
+             init("hi", np.array(hi, np.float32))]
+    model = to_ir(make_model(nodes, [tensor("x", [3, 6])], [tensor("y", [3, 4])], inits))
+    samples = [{"x": rng(i).standard_normal((3, 6)).astype(np.float32)} for i in range(8)]
+    before = run(model, samples[0])["y"]
+    ctx = PassContext(calibration=CalibrationData.from_samples(samples).bind(input_specs(model)))
+    run_pipeline(Pipeline.parse("insert-fake-quant,lower-integer"), model, ctx)
+    assert get_stage(model) == "integer"
+    assert sqnr_db(before, run(model, samples[0])["y"]) > 25
