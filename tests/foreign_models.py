@@ -350,7 +350,8 @@ CORPUS: list[ForeignModel] = [
         lambda f, q: binary_map(f, q), what="text detection probability map"),
     ForeignModel(
         "magika", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "tf2onnx 1.16 (int32 input)",
-        lambda r: {"bytes": file_bytes(r)}, lambda f, q: top1(f, q), fast=True, what="content type of file bytes"),
+        lambda r: {"bytes": file_bytes(r)}, lambda f, q: top1(f, q), fast=True, integer_only=False,
+        what="content type of file bytes (jax2tf's one-hot and E[x²]−E[x]² LayerNorm stay float)"),
     ForeignModel(
         "ddddocr", "ddddocr==1.6.1", "ddddocr/common.onnx", "torch 1.9 (legacy), LSTM after shape arithmetic",
         lambda r: {"input1": (text_image(r, 64, 256, words=1).mean(-1, keepdims=True).transpose(2, 0, 1)[None]
@@ -389,7 +390,8 @@ CORPUS += [
         lambda f, q: similar(f, q, outputs=(0,)), input_values={"waveforms_lens": 16000}, what="log-mel features, lengths pinned"),
     ForeignModel(
         "openwakeword-mel", "openwakeword==0.4.0", "openwakeword/resources/models/melspectrogram.onnx", "torch 1.11 (legacy)",
-        lambda r: {"input": voice(r, 16000)[None] * 32767}, lambda f, q: similar(f, q), fast=True, what="mel front end as Conv"),
+        lambda r: {"input": voice(r, 16000)[None] * 32767}, lambda f, q: similar(f, q),
+        what="mel front end as Conv; log of a power spanning 1e-10..1e6 (linear int8/int16 cannot hold it)"),
     ForeignModel(
         "openwakeword-embedding", "openwakeword==0.4.0", "openwakeword/resources/models/embedding_model.onnx", "tf2onnx 1.9",
         lambda r: {"input_1": (r.normal(0, 1.5, (1, 76, 32, 1)) + np.linspace(-2, 2, 32)).astype(np.float32)},
@@ -397,7 +399,7 @@ CORPUS += [
     ForeignModel(
         "openwakeword-mycroft", "openwakeword==0.4.0", "openwakeword/resources/models/hey_mycroft_v0.1.onnx", "tf2onnx 1.10, LSTM",
         lambda r: {"input_1": r.normal(0, 1, (1, 16, 96)).astype(np.float32)}, lambda f, q: probability(f, q),
-        fast=True, what="wake-word classifier on embeddings"),
+        what="wake-word classifier on embeddings"),
     ForeignModel(
         "piper-tashkeel", "piper-tts==1.8.0", "piper/tashkeel/model.onnx", "torch 2.1, GRU, int64 inputs",
         lambda r: {"char_inputs": r.integers(1, 30, (1, 16)).astype(np.int64), "diac_inputs": r.integers(0, 15, (1, 16)).astype(np.int64),
