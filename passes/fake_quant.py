@@ -237,6 +237,8 @@ class InsertFakeQuant(Pass):
             vid = id(value)
             if vid in internal or value.name not in stats:
                 continue
+            if value.dtype != ir.DataType.FLOAT:
+                continue  # QuantizeLinear takes float32 (its DequantizeLinear gives float32): float64/16 stay float
             users = [u.node for u in value.uses()]
             if value.producer() is not None and is_mask_select(value.producer()):
                 continue  # an exact mask select: lowered with its softmax (exact-masks)

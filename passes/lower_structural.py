@@ -90,7 +90,7 @@ class StructuralLowering:
             value = const_array(extra[1]) if len(extra) > 1 and extra[1] is not None else np.zeros(())
             level = float(np.asarray(value, np.float64).reshape(-1)[0]) / x.s + float(np.asarray(x.zero).reshape(-1)[0])
             lo, hi = intops.int_range(x.dtype)
-            if abs(level - round(level)) > 1e-6 or not lo <= round(level) <= hi:
+            if not np.isfinite(level) or abs(level - round(level)) > 1e-6 or not lo <= round(level) <= hi:
                 raise _Refuse(f"pad value {float(np.asarray(value).reshape(-1)[0])} is not a level of the input's quantization")
             padded = self.b.const("pad_value", np.asarray(round(level), dtype=x.dtype))
             inputs = [x.value, extra[0], padded, *extra[2:]]

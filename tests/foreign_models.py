@@ -47,7 +47,7 @@ class ForeignModel:
     what: str = ""
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: v.shape for k, v in self.sample(np.random.default_rng(0)).items() if k not in self.input_values}
+        return {k: v.shape for k, v in self.sample(np.random.default_rng(0)).items() if v.ndim}
 
     def calibration(self, count: int, seed: int = 0) -> Feeds:
         r = np.random.default_rng(seed)
@@ -60,10 +60,7 @@ class ForeignModel:
 
     def all_feeds(self, seed: int) -> Feeds:
         """The same sample with the pinned inputs, as onnxruntime needs it."""
-        feeds = self.feeds(seed)
-        for k, v in self.input_values.items():
-            feeds[k] = np.asarray(v, dtype=np.int64 if isinstance(v, int) else np.float32)
-        return feeds
+        return self.sample(np.random.default_rng(1000 + seed))
 
 
 def cache_dir() -> Path:
@@ -394,7 +391,7 @@ CORPUS += [
         what="mel front end as Conv; log of a power spanning 1e-10..1e6 (linear int8/int16 cannot hold it)"),
     ForeignModel(
         "openwakeword-embedding", "openwakeword==0.4.0", "openwakeword/resources/models/embedding_model.onnx", "tf2onnx 1.9",
-        lambda r: {"input_1": (r.normal(0, 1.5, (1, 76, 32, 1)) + np.linspace(-2, 2, 32)).astype(np.float32)},
+        lambda r: {"input_1": (r.normal(0, 1.5, (1, 76, 32, 1)) + np.linspace(-2, 2, 32).reshape(1, 1, 32, 1)).astype(np.float32)},
         lambda f, q: similar(f, q), what="speech embedding CNN (NHWC)"),
     ForeignModel(
         "openwakeword-mycroft", "openwakeword==0.4.0", "openwakeword/resources/models/hey_mycroft_v0.1.onnx", "tf2onnx 1.10, LSTM",
@@ -549,8 +546,8 @@ def onnxruntime_quantized(model: ForeignModel, path: Path, work: Path, calib: Fe
     class Reader(CalibrationDataReader):
         def __init__(self):
             count = next(iter(calib.values())).shape[0]
-            self.items = iter([{**{k: v[i] for k, v in calib.items()}, **{k: np.asarray(v) for k, v in model.input_values.items()}}
-                               for i in range(count)])
+            pinned = {k: v for k, v in model.sample(np.random.default_rng(0)).items() if k in model.input_values}
+            self.items = iter([{**{k: v[i] for k, v in calib.items()}, **pinned} for i in range(count)])
 
         def get_next(self):
             return next(self.items, None)

@@ -267,3 +267,20 @@ def test_steep_reader_decides_the_width(reader, widened):
     row = next(r for r in ctx.report["activations"] if r["tensor"] == "power")
     assert row["format"].startswith("int16") == widened, row
     assert ("through its Sqrt" in row["method"]) == widened
+
+
+@pytest.mark.slow
+def test_float64_tensors_stay_float(tmp_path):
+    """A tail computed in float64 (a pitch tracker's Cast to double) is not quantized:
+    DequantizeLinear would hand back float32 where the graph declares float64."""
+    import qcompiler
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Cast", ["h"], ["hd"], to=11),
+             helper.make_node("Mul", ["hd", "k"], ["y"])]
+    inits = [init("w", rng(18).standard_normal((6, 4)).astype(np.float32)), init("k", np.array(2.0, np.float64))]
+    proto = make_model(nodes, [tensor("x", [3, 6])], [helper.make_tensor_value_info("y", 11, [3, 4])], inits)
+    calib = {"x": rng(19).standard_normal((8, 3, 6)).astype(np.float32)}
+    result = qcompiler.compile(proto, "host", tmp_path / "out", preset="w8a8", calib=calib)
+    assert result.manifest["verified"]["status"] in ("bit-exact", "islands-within-one-step")
+    got = qcompiler.load(tmp_path / "out").run({"x": calib["x"][0]})["y"]
+    assert got.dtype == np.float64
