@@ -140,6 +140,7 @@ def test_cli_input_value_compiles_the_branch_taken(cli, tmp_path):
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
+@pytest.mark.slow
 def test_cli_input_value_malformed(cli, tmp_path):
     path = save(sample_rate_model(), tmp_path / "m.onnx")
     result = cli(path, "-t", "reference", "-o", tmp_path / "out", "--input-value", "sr")
