@@ -24,20 +24,10 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import foreign_models as corpus
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
+from machine import cpu_name
 
 
 def cell(row: dict, target: str) -> str:
@@ -89,7 +79,7 @@ def main(argv=None) -> int:
         done = {json.loads(line)["model"] for line in args.json.read_text().splitlines() if line.strip()}
     targets = tuple(args.targets.split(","))
     work = args.work or Path(tempfile.mkdtemp(prefix="qcompiler-corpus-"))
-    print(f"CPU: {cpu_model()}; work folder {work}")
+    print(f"CPU: {cpu_name()}; work folder {work}")
     print("| model | exporter | opset | params | float max diff vs onnxruntime | w8a8 output SQNR; task metric | "
           + " | ".join(targets) + " |")
     print("|" + "---|" * (6 + len(targets)))

@@ -77,17 +77,6 @@ BLOCK_ROUNDS = 4
 TUNE_TRIALS = 0
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what the platform module says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def set_mode(mode: str) -> None:
     """Thread-pool settings for ``mode``; must run before TVM, ORT or torch start threads."""
     global MODE
@@ -102,6 +91,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_minilm import ort_dynamic, ort_static  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ORT_INT8 = ("ORT int8 dynamic", "ORT int8 static QDQ")
