@@ -19,6 +19,13 @@ same data movement (``Where(c, 0, NEG)``, ``(1 − m)·NEG``, ``Cast(¬c)·NEG``
 row's max and sum, whatever the calibrated score range. Float results are unchanged
 (``s + NEG`` and ``NEG`` are the same float once ``|NEG| ≫ |s|``, which the pass checks:
 ``|NEG| ≥ 1e4``). Masks that are not pure 0/NEG (ALiBi, relative biases) are left alone.
+
+The pass also runs on a model quantized elsewhere (a QDQ model from onnxruntime's
+``quantize_static`` or PT2E): there the mask and the masked sum each sit behind a
+``QuantizeLinear → DequantizeLinear`` pair whose scale spans the mask value (~1e36 for
+``finfo.min``), which no fixed-point multiplier represents. The pass looks through those
+pairs (``Softmax(DQ(Q(s + DQ(Q(M)))))``) and writes the same select over the quantized
+scores, dropping the two pairs.
 """
 
 from __future__ import annotations
@@ -44,6 +51,18 @@ def masked_value(array: np.ndarray) -> float | None:
     if masked.size != 1 or not np.all((values == 0) | (values <= MASKED)):
         return None
     return float(masked[0])
+
+
+def _through_qdq(value: ir.Value, *, sole_reader: bool = True) -> ir.Value:
+    """The float value behind ``DequantizeLinear(QuantizeLinear(x))`` (else ``value``); with
+    ``sole_reader`` only where the pair and ``value`` have one reader each."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or (sole_reader and len(value.uses()) != 1):
+        return value
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear" or (sole_reader and len(dq.inputs[0].uses()) != 1):
+        return value
+    return q.inputs[0]
 
 
 def is_mask_select(node: ir.Node) -> bool:
@@ -155,19 +174,20 @@ class ExactMasks(Pass):
     """Attention masks as selects the integer softmax honours exactly (masked: probability 0)."""
 
     name = "exact-masks"
-    stages = ("float",)
+    stages = ("float", "fakequant")
 
     def run(self, model: ir.Model, ctx) -> bool:
         rewritten = []
         for softmax in [n for n in model.graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
-            producer = softmax.inputs[0].producer()
-            if producer is None or len(softmax.inputs[0].uses()) != 1:
+            summed = _through_qdq(softmax.inputs[0])
+            producer = summed.producer()
+            if producer is None or len(summed.uses()) != 1 or len(softmax.inputs[0].uses()) != 1:
                 continue
             b = _Builder(model, softmax)
             select = None
             if producer.op_type == "Add":
                 for mask, scores in ((producer.inputs[1], producer.inputs[0]), (producer.inputs[0], producer.inputs[1])):
-                    found = _keep_of(model, mask, b)
+                    found = _keep_of(model, _through_qdq(mask, sole_reader=False), b)
                     if found is not None:
                         keep, neg = found
                         select = (keep, scores, neg)

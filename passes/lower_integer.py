@@ -38,12 +38,17 @@ from qcompiler.pipeline import Pass, option
 from qcompiler.passes.exact_masks import is_mask_select
 from qcompiler.passes.lower_nonlinear import _ELEMENTWISE_TABLES, NonlinearLowering
 from qcompiler.passes.lower_structural import StructuralLowering
+from qcompiler.passes.lowering_weights import integer_weight
 from qcompiler.passes.lowering_common import QT, Builder as _Builder, Refuse as _Refuse, shape_of as _shape
 from qcompiler.qdq import (
     TRANSPARENT_OPS, constant_value as _dequantized_constant, is_float, linear_group, qdq_source,
 )
 
 _INT8 = (np.dtype(np.int8), np.dtype(np.uint8))
+#: Node metadata: why lower-integer left the node in float.
+KEPT_FLOAT_KEY = "qcompiler.kept_float"
+#: Arithmetic with a scalar constant: ends a chain of element-wise functions lowered as one table.
+_SCALAR_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class _Lowering(NonlinearLowering, StructuralLowering):
             self.done.update(id(n) for n in (members.bias_add, members.activation) if n is not None)
         if any(is_float(o) for o in node.outputs) and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             self.kept.append({"node": node.name, "op": node.op_type, "reason": reason})
+            node.metadata_props[KEPT_FLOAT_KEY] = reason  # integer-only targets name it when they refuse
 
     def lower(self, node: ir.Node) -> None:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or node.domain not in ("", "ai.onnx"):
@@ -156,7 +162,7 @@ class _Lowering(NonlinearLowering, StructuralLowering):
                 result = handler(node, out_qt) if handler else None
                 if result is None and node.op_type in TRANSPARENT_OPS:
                     result = self._transparent(node, out_qt)
-                if result is None and node.op_type in _ELEMENTWISE_TABLES:
+                if result is None and (node.op_type in _ELEMENTWISE_TABLES or node.op_type in _SCALAR_ARITHMETIC):
                     result = self._table(node, out_qt)
         except _Refuse as refusal:
             self.keep(node, str(refusal))
@@ -200,7 +206,7 @@ class _Lowering(NonlinearLowering, StructuralLowering):
         q, scale, zero, dq = source
         axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
         if "block_size" in dq.attributes and dq.attributes["block_size"].as_int() > 0:
-            raise _Refuse("blocked (per-group) weights have no integer form")
+            raise _Refuse("blocked (per-group) quantization of a non-weight operand")
         return QT(q, scale, zero, axis if np.asarray(scale).size > 1 else None)
 
     # -- helpers -----------------------------------------------------------------------
@@ -231,13 +237,13 @@ class _Lowering(NonlinearLowering, StructuralLowering):
     def _linear(self, group, out: QT) -> ir.Value | None:
         node = group.linear
         x = self.qin(node.inputs[0])
-        w = self.qin(node.inputs[1])
-        if x is None or w is None or const_array(w.value) is None:
-            raise _Refuse("linear op without quantized input and constant quantized weight")
-        if np.any(np.asarray(w.zero) != 0):
-            raise _Refuse("asymmetric weights (integer lowering expects symmetric weights)")
-        w_int = const_array(w.value)
-        s_w = np.asarray(w.scale, np.float64).reshape(-1)
+        if x is None:
+            raise _Refuse("linear op without a quantized input")
+        weight = integer_weight(node, self._range(x))
+        if weight.regrid is not None:
+            self.ctx.report.setdefault("decisions", []).append(
+                {"node": node.name, "decision": "per-group weights re-expressed per output channel", **weight.regrid})
+        w_int, zero, s_w = weight.data, weight.zero.reshape(-1), weight.scale
         op = node.op_type
         if op == "Gemm":
             attrs = {k: a.value for k, a in node.attributes.items()}
@@ -251,14 +257,19 @@ class _Lowering(NonlinearLowering, StructuralLowering):
         if op == "ConvTranspose":
             if x.dtype not in _INT8:
                 raise _Refuse("16-bit conv inputs have no integer lowering (ConvInteger is 8-bit)")
+            if weight.asymmetric:
+                raise _Refuse("asymmetric ConvTranspose weights")
             x, conv_attrs, w_int = self._transposed_as_conv(node, x, w_int)
             op = "Conv"
         acc_shape = _shape(node.outputs[0])
         x_range = self._range(x)
         if op == "Conv":
-            reduce = np.abs(w_int.astype(np.int64)).reshape(w_int.shape[0], -1).sum(axis=1)
+            centred = w_int.astype(np.int64) - (zero.astype(np.int64).reshape((-1,) + (1,) * (w_int.ndim - 1)) if zero.size > 1 else int(zero[0]))
+            reduce = np.abs(centred).reshape(w_int.shape[0], -1).sum(axis=1)
         else:
-            reduce = np.abs(w_int.astype(np.int64)).sum(axis=-2).reshape(-1)
+            centred = w_int.astype(np.int64) - (zero.astype(np.int64) if zero.size > 1 else int(zero[0]))
+            reduce = np.abs(centred).sum(axis=-2).reshape(-1)
+        w_zero = [self.b.const("w_zero_point", zero.astype(w_int.dtype) if zero.size > 1 else zero.astype(w_int.dtype).reshape(()))] if weight.asymmetric else []
         bias_q = self._bias(group, node, s_w * x.s)
         bound = x_range * float(reduce.max(initial=0)) + (float(np.abs(bias_q).max()) if bias_q is not None else 0.0)
         acc = np.int64 if bound >= 2**31 else np.int32
@@ -268,16 +279,20 @@ class _Lowering(NonlinearLowering, StructuralLowering):
                 raise _Refuse("16-bit conv inputs have no integer lowering (ConvInteger is 8-bit)")
             if acc == np.int64:
                 raise _Refuse(f"conv accumulator bound {bound:.3g} exceeds int32")
-            acc_value = self.b.node("ConvInteger", [x.value, self.b.const(f"{node.name}_w", w_int.astype(np.int8)), self.b.const("x_zero_point", x.zero)],
+            if w_int.dtype.itemsize > 1:
+                raise _Refuse("conv weights wider than 8 bits (ConvInteger is 8-bit)")
+            if w_zero:
+                w_zero = [self.b.const("w_zero_point", zero.astype(np.int8) if zero.size > 1 else zero.astype(np.int8).reshape(()))]
+            acc_value = self.b.node("ConvInteger", [x.value, self.b.const(f"{node.name}_w", w_int.astype(np.int8)), self.b.const("x_zero_point", x.zero), *w_zero],
                                     conv_attrs, dtype=np.int32, shape=acc_shape, base=node.name)
             channel_axis = 1
         else:
             w_stored = w_int.astype(np.int8) if w_int.dtype.itemsize == 1 or w_int.dtype.name.startswith("int4") else w_int
             if x.dtype in _INT8 and w_stored.dtype == np.int8 and acc == np.int32 and w_int.dtype == np.int8:
-                acc_value = self.b.node("MatMulInteger", [x.value, self.b.const(f"{node.name}_w", w_stored), self.b.const("x_zero_point", x.zero)],
+                acc_value = self.b.node("MatMulInteger", [x.value, self.b.const(f"{node.name}_w", w_stored), self.b.const("x_zero_point", x.zero), *w_zero],
                                         dtype=np.int32, shape=acc_shape, base=node.name)
             else:
-                acc_value = self.b.node("IntMatMul", [x.value, self.b.const(f"{node.name}_w", w_int), self.b.const("x_zero_point", x.zero)],
+                acc_value = self.b.node("IntMatMul", [x.value, self.b.const(f"{node.name}_w", w_int), self.b.const("x_zero_point", x.zero), *w_zero],
                                         {"acc_type": np.dtype(acc).name}, dtype=acc, shape=acc_shape, domain=QC_DOMAIN, base=node.name)
             channel_axis = len(acc_shape) - 1 if acc_shape else -1
         if bias_q is not None:

@@ -154,12 +154,38 @@ class NonlinearLowering:
         return self.b.node("IntRMSNorm", inputs, attrs, dtype=out.dtype, shape=_shape(node.outputs[0]), domain=QC_DOMAIN)
 
     def _table(self, node: ir.Node, out: QT):
-        x = self.qin(node.inputs[0])
-        if x is None or any(v is not None and const_array(v) is None for v in node.inputs[1:]):
-            return None
-        function = _table_function(node)
-        if function is None:
-            return None
+        """An element-wise function of one quantized input as a table; a chain of them whose
+        intermediates are not quantized (``DQ → Div(c) → Erf → Q``, as a QDQ model made
+        elsewhere leaves a decomposed GELU) becomes one table of the composition, which is
+        exactly what the QDQ model computes on the input grid."""
+        functions, absorbed = [], []
+        current = node
+        while True:
+            step = _chain_step(current)
+            if step is None:
+                return None
+            function, source = step
+            functions.append(function)
+            x = self.qin(source)
+            if x is not None:
+                break
+            current = source.producer()
+            if (current is None or source.is_graph_output() or len(source.uses()) != 1
+                    or current.domain not in ("", "ai.onnx") or len(absorbed) >= 16):
+                return None
+            absorbed.append(current)
+        if absorbed:
+            names = {n.name for n in absorbed}
+            self.kept = [k for k in self.kept if k["node"] not in names]
+            self.variants.append({"node": node.name, "op": "+".join(n.op_type for n in [*reversed(absorbed), node]),
+                                  "chosen": "composed-table", "errors": {}})
+
+        chain = functions[::-1]  # innermost first
+
+        def function(v):
+            for f in chain:
+                v = f(v)
+            return v
         if x.dtype not in _INT8:  # a 16-bit input: a table of 257 knots, interpolated
             return self._interpolate(node, x, out, function)
         return self._lookup(x, out, function, _shape(node.outputs[0]))
@@ -213,6 +239,37 @@ class NonlinearLowering:
         if record:
             self.variants.append({"node": node.name, "op": op, "errors": {variant: round(error, 6)}, "chosen": variant})
         return error
+
+
+def _chain_step(node: ir.Node):
+    """``(f, input)``: ``node`` computes ``f(input)`` element-wise, its other inputs constant
+    (a table function, or arithmetic with a scalar constant)."""
+    if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
+        a, b = node.inputs
+        ca, cb = const_array(a), const_array(b)
+        if (ca is None) == (cb is None):
+            return None
+        c = ca if ca is not None else cb
+        if c.size != 1:
+            return None
+        c = float(c.reshape(-1)[0])
+        first = ca is not None  # the constant is the first operand: c - x, c / x
+        functions = {
+            "Add": lambda x: x + c,
+            "Mul": lambda x: x * c,
+            "Sub": (lambda x: c - x) if first else (lambda x: x - c),
+            "Div": (lambda x: c / x) if first else (lambda x: x / c),
+        }
+        raw = functions[node.op_type]
+
+        def total(x):
+            with np.errstate(all="ignore"):
+                return np.nan_to_num(raw(x), nan=0.0, posinf=3e38, neginf=-3e38)
+        return total, (b if first else a)
+    if node.op_type not in _ELEMENTWISE_TABLES or any(v is not None and const_array(v) is None for v in node.inputs[1:]):
+        return None
+    function = _table_function(node)
+    return (function, node.inputs[0]) if function is not None else None
 
 
 def _table_function(node: ir.Node):

@@ -46,6 +46,8 @@ def _float_island(node: ir.Node, out: ir.Value) -> str:
         readers = [use.node for use in out.uses() if use.node.op_type not in ("QuantizeLinear", "DequantizeLinear")]
         if readers:
             reader = readers[0]
-            return (f"{node_label(reader)} has no integer form here and stays in float (it reads the dequantized "
-                    f"'{out.name}'; the report's integer_lowering.kept_float says why)")
+            why = reader.metadata_props.get("qcompiler.kept_float")
+            because = f": {why}" if why else ""
+            return (f"{node_label(reader)} has no integer form here and stays in float{because} (it reads the "
+                    f"dequantized '{out.name}'; the report's integer_lowering.kept_float lists every such node)")
     return f"{node_label(node)} computes the float tensor '{out.name}'"

@@ -10,7 +10,7 @@ from .pipeline import _suggest
 _CLEANUP = "fold-constants,remove-identity,fold-batchnorm,eliminate-dead-code"
 #: Static per-tensor activations (int16 where the calibration data says int8 loses too
 #: much), integer softmax/GELU/LayerNorm, lowered to the integer stage.
-_QUANTIZE = "fuse-layernorm,fuse-rmsnorm,exact-masks,insert-fake-quant{{{w}wide_below_db=30.0}},lower-integer"
+_QUANTIZE = "fuse-layernorm,fuse-rmsnorm,exact-masks,insert-fake-quant{{{w}wide_below_db=30.0}},settle-qdq,lower-integer"
 
 
 @dataclasses.dataclass(frozen=True)

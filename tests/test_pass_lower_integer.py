@@ -169,8 +169,8 @@ def test_int8_products_that_fit_int32_give_no_warning():
 
 
 def test_does_not_lower_what_has_no_integer_form():
-    model = to_ir(mlp())
-    ctx = quantize(model, (1, 16), "insert-fake-quant{weights=int4:per-group:8},lower-integer")
+    model = to_ir(cnn_relu6())  # per-group conv weights: no integer form
+    ctx = quantize(model, (1, 3, 8, 8), "insert-fake-quant{weights=int4:per-group:8},lower-integer")
     kept = ctx.report["integer_lowering"]["kept_float"]
     assert kept and all("per-group" in k["reason"] for k in kept)
     assert first_float_compute(model) is not None  # an integer-only target will refuse it

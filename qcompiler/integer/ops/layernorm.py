@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..arith import fixed_point, int_range
@@ -45,10 +47,12 @@ def centred_spread(b, x, axis: int):
 
 @integer_op
 class IntLayerNorm(IntegerOp):
-    """Integer LayerNorm over the last axis: mu = round(sum(x) / N); c = x - mu;
-    sigma = isqrt(floor(sum(c^2) / N) + eps_q); n = floor(c * 2^15 / sigma);
+    """Integer LayerNorm over the last axis: c = N*x - sum(x) (= N(x - mu), exact);
+    sigma = isqrt(N*sum(x^2) - sum(x)^2 + eps_q*N^2) (= N*sqrt(var + eps)); n = floor(c * 2^15 / sigma);
     y = clamp(rshift_round(n * G_j + B_j, shift) + y_zero_point) with G_j / 2^k = gamma_j / (2^15 s_y)
-    and B_j = round(beta_j / s_y * 2^k). The input zero point cancels."""
+    and B_j = round(beta_j / s_y * 2^k). The input zero point cancels. Where N*max|x| >= 2^30
+    (int64 would not hold N*sum(x^2)) the mean is rounded instead: mu = round(sum(x) / N),
+    c = x - mu, sigma = isqrt(floor(sum(c^2) / N) + eps_q)."""
 
     op_type = "IntLayerNorm"
     inputs = (
@@ -78,9 +82,21 @@ class IntLayerNorm(IntegerOp):
         if rank == 0 or int(attrs["axis"]) not in (-1, rank - 1):
             raise DecompositionError("IntLayerNorm normalises the last axis only")
         n = x.shape[-1]
-        centred, spread = centred_spread(b, x, -1)
-        sigma = b.maximum(b.isqrt(b.floordiv(spread, n) + int(attrs["eps_q"])), 1)
-        normed = b.floordiv(centred << LAYERNORM_FRAC_BITS, sigma)
+        eps_q = int(attrs["eps_q"])
+        if n * max(abs(x.lo), abs(x.hi)) < 2**30:
+            # Exact mean: c' = N·x − Σx = N(x − μ) and N·Σx² − (Σx)² = N²·var, both integers,
+            # so neither the mean nor σ is rounded to a whole input step (σ of a few steps
+            # would otherwise lose up to 1/σ in isqrt).
+            total = b.sum(x, -1)
+            spread = b.bound(n * b.sum(x * x, -1) - total * total, 0, n * n * (x.hi - x.lo) ** 2 // 4 + 1)
+            centred = n * x - total
+            sigma = b.maximum(b.isqrt(spread + eps_q * n * n), 1)
+        else:
+            centred, spread = centred_spread(b, x, -1)
+            sigma = b.maximum(b.isqrt(b.floordiv(spread, n) + eps_q), 1)
+        # |x_i − μ| ≤ √(N−1)·σ and isqrt(v) > √v / 2 for v ≥ 1: |c/σ| < 2√N.
+        limit = 2 ** (LAYERNORM_FRAC_BITS + 1) * (math.isqrt(n) + 1) + 1
+        normed = b.bound(b.floordiv(centred << LAYERNORM_FRAC_BITS, sigma), -limit, limit)
         value = normed * b.channel(mult.value, rank, -1) + b.channel(bias.value, rank, -1)
         y = b.rshift_round(value, int(attrs["shift"])) + zy
         return [b.clamp_cast(y, zy.storage)]

@@ -1,0 +1,258 @@
+"""A causal LM as two fixed-shape steps over a static KV cache: prefill and decode.
+
+Edge NPUs and compiled kernels want static shapes, so the cache is a fixed window of
+``C = max_context`` slots per layer, and one step of ``T`` tokens (``T = prefill`` for the
+prompt, ``T = 1`` per generated token) is the function::
+
+    (input_ids[1,T], attention_mask[1,C+T], position_ids[1,T], past.i.key/value[1,h_kv,C,d])
+        → (logits[1,T,V], present.i.key/value[1,h_kv,C,d])
+
+``present`` is ``concat(past, new)[:, :, T:]``: the window slid by ``T``, fed back as the
+next step's ``past``. ``attention_mask`` marks the slots and new tokens that hold text
+(padding, the empty start of the window: 0); ``position_ids`` are explicit, so RoPE's
+cos/sin are tables indexed by them (an input, not constants baked for one window).
+A query at step position ``t`` sees cache slot ``j`` where ``mask[j]``, and new token ``u``
+where ``mask[C+u]`` and ``u ≤ t``; masked scores are ``masked_fill``ed with
+``finfo.min``, which ``exact-masks`` turns into probability exactly 0.
+
+Input and output names follow the ONNX decoder-with-past layout (``input_ids``,
+``attention_mask``, ``position_ids``, ``past_key_values.N.key``/``.value``, ``logits``,
+``present.N.key``/``.value``). :class:`StaticCacheStep` runs the layers of a
+``transformers`` Llama-family model (Llama, SmolLM, Qwen2, Mistral: RMSNorm, RoPE
+rotate-half, grouped KV heads, gated MLP) with its own weights and rotary frequencies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+#: ``decoder.json`` in a decoder artifact folder: the layout, what generate() needs.
+DECODER_FILE = "decoder.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderLayout:
+    """Shapes and names shared by the prefill and decode steps."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    prefill: int
+    pad_token_id: int = 0
+
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "position_ids", *self.past_names()]
+
+    def output_names(self) -> list[str]:
+        return ["logits", *self.present_names()]
+
+    def cache_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.kv_heads, self.max_context, self.head_dim)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / DECODER_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> DecoderLayout:
+        return cls(**json.loads((Path(folder) / DECODER_FILE).read_text()))
+
+
+def layout_of(hf_model, max_context: int, prefill: int) -> DecoderLayout:
+    """The layout of a ``transformers`` Llama-family causal LM (refused in one line otherwise)."""
+    config = hf_model.config
+    inner = getattr(hf_model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or any(not hasattr(inner, n) for n in needed) or not hasattr(hf_model, "lm_head"):
+        raise InputError(f"{type(hf_model).__name__}: not a Llama-family causal LM (needs model.embed_tokens, "
+                         "model.layers, model.norm, model.rotary_emb and lm_head)")
+    attention = inner.layers[0].self_attn
+    if not all(hasattr(attention, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        raise InputError(f"{type(attention).__name__}: attention without q/k/v/o projections is not supported")
+    if max_context < 2 or not 1 <= prefill <= max_context:
+        raise InputError(f"max_context {max_context} and prefill {prefill}: need 1 ≤ prefill ≤ max_context")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0
+    return DecoderLayout(layers=len(inner.layers), kv_heads=config.num_key_value_heads or heads, head_dim=head_dim,
+                         vocab_size=config.vocab_size, max_context=max_context, prefill=prefill, pad_token_id=int(pad))
+
+
+def _step_module(hf_model, layout: DecoderLayout):
+    import torch
+
+    class StaticCacheStep(torch.nn.Module):
+        """One step of ``T`` tokens over the static cache (see the module docstring)."""
+
+        def __init__(self):
+            super().__init__()
+            inner = hf_model.model
+            self.embed, self.blocks, self.norm, self.lm_head = inner.embed_tokens, inner.layers, inner.norm, hf_model.lm_head
+            config = hf_model.config
+            self.heads = config.num_attention_heads
+            self.kv_heads, self.head_dim, self.context = layout.kv_heads, layout.head_dim, layout.max_context
+            rotary = inner.rotary_emb
+            positions = torch.arange(layout.max_context, dtype=torch.float32)
+            angles = torch.outer(positions, rotary.inv_freq.float())
+            angles = torch.cat([angles, angles], dim=-1)
+            factor = float(getattr(rotary, "attention_scaling", 1.0))
+            self.register_buffer("cos_table", torch.cos(angles) * factor, persistent=False)
+            self.register_buffer("sin_table", torch.sin(angles) * factor, persistent=False)
+
+        @staticmethod
+        def rotate_half(x):
+            half = x.shape[-1] // 2
+            return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            steps = input_ids.shape[1]
+            x = self.embed(input_ids)
+            cos = torch.nn.functional.embedding(position_ids, self.cos_table).unsqueeze(1)  # [1, 1, T, d]: a Gather
+            sin = torch.nn.functional.embedding(position_ids, self.sin_table).unsqueeze(1)
+            valid = attention_mask.bool()
+            causal = torch.ones(steps, steps, dtype=torch.bool).tril()
+            seen_new = causal & valid[:, None, self.context:]  # [1, T, T]
+            seen_past = valid[:, None, :self.context].expand(1, steps, self.context)
+            allowed = torch.cat([seen_past, seen_new], dim=-1).unsqueeze(1)  # [1, 1, T, C+T]
+            presents = []
+            for i, block in enumerate(self.blocks):
+                attn = block.self_attn
+                h = block.input_layernorm(x)
+                q = attn.q_proj(h).view(1, steps, self.heads, self.head_dim).transpose(1, 2)
+                k = attn.k_proj(h).view(1, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+                v = attn.v_proj(h).view(1, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+                q = q * cos + self.rotate_half(q) * sin
+                k = k * cos + self.rotate_half(k) * sin
+                keys = torch.cat([past[2 * i], k], dim=2)
+                values = torch.cat([past[2 * i + 1], v], dim=2)
+                presents += [keys[:, :, steps:], values[:, :, steps:]]
+                group = self.heads // self.kv_heads
+                if group > 1:
+                    keys = keys.repeat_interleave(group, dim=1)
+                    values = values.repeat_interleave(group, dim=1)
+                scores = torch.matmul(q, keys.transpose(2, 3)) * (self.head_dim ** -0.5)
+                scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+                probs = torch.softmax(scores, dim=-1)
+                out = torch.matmul(probs, values).transpose(1, 2).reshape(1, steps, self.heads * self.head_dim)
+                x = x + attn.o_proj(out)
+                x = x + block.mlp(block.post_attention_layernorm(x))
+            logits = self.lm_head(self.norm(x))
+            return (logits, *presents)
+
+    return StaticCacheStep().eval()
+
+
+def step_inputs(layout: DecoderLayout, steps: int) -> dict[str, np.ndarray]:
+    """Example feeds of a step of ``steps`` tokens: the empty window, one real token."""
+    feeds = {
+        "input_ids": np.full((1, steps), layout.pad_token_id, np.int64),
+        "attention_mask": np.zeros((1, layout.max_context + steps), np.int64),
+        "position_ids": np.zeros((1, steps), np.int64),
+    }
+    feeds["attention_mask"][0, -1] = 1
+    for name in layout.past_names():
+        feeds[name] = np.zeros(layout.cache_shape(), np.float32)
+    return feeds
+
+
+def export_steps(hf_model, max_context: int = 256, prefill: int = 32):
+    """``(layout, prefill_model, decode_model)``: both steps of a ``transformers`` causal LM
+    imported through ``torch.export`` (:func:`qcompiler.from_torch`)."""
+    import torch
+
+    from .torch_import import from_torch
+
+    layout = layout_of(hf_model, max_context, prefill)
+    step = _step_module(hf_model.float().eval(), layout)
+    models = []
+    for steps in (prefill, 1):
+        example = tuple(torch.from_numpy(v) for v in step_inputs(layout, steps).values())
+        models.append(from_torch(step, example, input_names=layout.input_names(), output_names=layout.output_names()))
+    return layout, models[0], models[1]
+
+
+def torch_step(hf_model, layout: DecoderLayout):
+    """The step as a callable on numpy feeds (float, torch): for calibration and tests."""
+    import torch
+
+    step = _step_module(hf_model.float().eval(), layout)
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            outputs = step(*(torch.from_numpy(np.asarray(feeds[n])) for n in layout.input_names()))
+        return {name: o.numpy() for name, o in zip(layout.output_names(), outputs)}
+    return run
+
+
+def calibration_feeds(hf_model, layout: DecoderLayout, windows: np.ndarray, decode_steps: int = 8):
+    """``(prefill samples, decode samples)``: the feeds each step sees when the float model
+    reads ``windows`` ([N, L] token ids): the first ``L − decode_steps`` tokens as prefill
+    chunks, the rest one token at a time (teacher forcing), with the caches they leave."""
+    from .generate import CacheWindow, run_chunk
+
+    step = torch_step(hf_model, layout)
+    recorded: dict[int, list] = {layout.prefill: [], 1: []}
+
+    def recording(steps):
+        def run(feeds):
+            recorded[steps].append({k: np.array(v) for k, v in feeds.items()})
+            return step(feeds)
+        return run
+
+    for tokens in np.asarray(windows):
+        tokens = [int(t) for t in tokens]
+        window = CacheWindow.empty(layout)
+        split = max(1, len(tokens) - decode_steps)
+        for start in range(0, split, layout.prefill):
+            run_chunk(recording(layout.prefill), layout, window, tokens[start:min(start + layout.prefill, split)], layout.prefill)
+        for token in tokens[split:]:
+            run_chunk(recording(1), layout, window, [token], 1)
+    return recorded[layout.prefill], recorded[1]
+
+
+def compile_decoder(hf_model, target: str, out_dir, *, calib_ids: np.ndarray, max_context: int = 256,
+                    prefill: int = 32, preset: str | None = "w8a8", pipeline: str | None = None,
+                    decode_steps: int = 8, force: bool = False, log=lambda message: None, **options):
+    """Compile a ``transformers`` causal LM into a decoder artifact folder (``prefill/``,
+    ``decode/``, ``decoder.json``), both steps calibrated on the feeds they see when the
+    float model reads ``calib_ids`` ([N, L] token windows). Load it with
+    :func:`qcompiler.load` and call ``generate()``."""
+    from .artifact import atomic_output_dir
+    from .calibdata import CalibrationData
+    from .compiler import compile_model
+    from .graph import get_stage
+    from .presets import choose
+    from .target import default_targets
+    from .pipeline import parse_one
+
+    calib_ids = np.asarray(calib_ids)
+    if calib_ids.ndim != 2 or calib_ids.shape[1] < 2 or calib_ids.dtype.kind not in "iu":
+        raise InputError(f"calib_ids: need [windows, tokens] integer token ids, got {calib_ids.dtype} {list(calib_ids.shape)}")
+    if calib_ids.shape[1] > max_context:
+        raise InputError(f"calib_ids: windows of {calib_ids.shape[1]} tokens exceed max_context {max_context}")
+    layout, prefill_model, decode_model = export_steps(hf_model, max_context, prefill)
+    log(f"decoder: {layout.layers} layers, cache {layout.kv_heads}x{layout.max_context}x{layout.head_dim} per layer, "
+        f"prefill {layout.prefill} tokens")
+    prefill_samples, decode_samples = calibration_feeds(hf_model, layout, calib_ids, decode_steps)
+    spec = parse_one(target, default_targets())
+    results = {}
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        for name, model, samples in (("prefill", prefill_model, prefill_samples), ("decode", decode_model, decode_samples)):
+            chosen, _ = choose(preset, pipeline, get_stage(model), True)
+            results[name] = compile_model(model, spec, tmp / name, pipeline=chosen,
+                                          calibration=CalibrationData.from_samples(samples), log=log, **options)
+        layout.save(tmp)
+    return results
