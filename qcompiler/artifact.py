@@ -185,12 +185,12 @@ def read_manifest(out_dir: str | os.PathLike, *, verify: bool = True) -> dict:
 def load(out_dir: str | os.PathLike) -> Runner:
     """Load an artifact folder; ``.run({input: array})`` executes it where a runner exists here."""
     out_dir = Path(out_dir)
-    from .decoder import DECODER_FILE
+    from .decoder_layout import DECODER_FILE, DecoderLayout
 
     if (out_dir / DECODER_FILE).is_file():  # a decoder: its prefill and decode steps
         from .generate import DecoderRunner
 
-        return DecoderRunner(out_dir)
+        return DecoderRunner(DecoderLayout.load(out_dir), load(out_dir / "prefill"), load(out_dir / "decode"))
     manifest = read_manifest(out_dir)
     target_cls = default_targets().get(manifest["target"])
     return target_cls.load(out_dir, manifest)

@@ -165,6 +165,11 @@ def _list_targets(out) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "generate":  # qcompile generate OUT ...: a decoder artifact
+        from .cli_generate import run_generate
+
+        return run_generate(argv[1:], PROG)
     args = build_parser().parse_args(argv)
     out = sys.stdout
     if args.version:

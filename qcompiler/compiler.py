@@ -15,6 +15,7 @@ from .calibdata import CalibrationData, input_specs
 from .errors import TargetError
 from .graph import get_stage, index_input_ranges
 from .instruments import default_instruments
+from .io_quantization import integer_io
 from .passmanager import Instrument, PassContext, run_pipeline
 from .pipeline import Pipeline
 from .target import Target
@@ -28,7 +29,7 @@ class CompileResult:
     model: ir.Model
 
 
-def _io(values, ranges: dict[str, tuple[int, int, str]] | None = None) -> list[dict]:
+def _io(values, ranges: dict[str, tuple[int, int, str]] | None = None, quantization: dict | None = None) -> list[dict]:
     entries = []
     for v in values:
         entry = {
@@ -39,6 +40,8 @@ def _io(values, ranges: dict[str, tuple[int, int, str]] | None = None) -> list[d
         if ranges and v.name in ranges:
             lo, hi, reason = ranges[v.name]
             entry["valid_range"] = {"min": lo, "max": hi, "reason": reason}
+        if quantization and v.name in quantization:
+            entry["quantization"] = quantization[v.name]
         entries.append(entry)
     return entries
 
@@ -137,8 +140,8 @@ def compile_model(
             "legalize": target.legalize,
             "stage": get_stage(model),
             "seed": seed,
-            "inputs": _io(model.graph.inputs, index_input_ranges(model)),
-            "outputs": _io(model.graph.outputs),
+            "inputs": _io(model.graph.inputs, index_input_ranges(model), integer_io(model)),
+            "outputs": _io(model.graph.outputs, quantization=integer_io(model)),
             "versions": tool_versions(),
             "target_info": target_info,
             "tuning": target_info.pop("tuning", None) if tuning is not None else None,

@@ -25,51 +25,11 @@ rotate-half, grouped KV heads, gated MLP) with its own weights and rotary freque
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
 
+from .decoder_layout import DECODER_FILE, DecoderLayout
 from .errors import InputError
-
-#: ``decoder.json`` in a decoder artifact folder: the layout, what generate() needs.
-DECODER_FILE = "decoder.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderLayout:
-    """Shapes and names shared by the prefill and decode steps."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_context: int
-    prefill: int
-    pad_token_id: int = 0
-
-    def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
-
-    def present_names(self) -> list[str]:
-        return [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
-
-    def input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "position_ids", *self.past_names()]
-
-    def output_names(self) -> list[str]:
-        return ["logits", *self.present_names()]
-
-    def cache_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.kv_heads, self.max_context, self.head_dim)
-
-    def save(self, folder: Path) -> None:
-        (Path(folder) / DECODER_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, folder: Path) -> DecoderLayout:
-        return cls(**json.loads((Path(folder) / DECODER_FILE).read_text()))
-
 
 def layout_of(hf_model, max_context: int, prefill: int) -> DecoderLayout:
     """The layout of a ``transformers`` Llama-family causal LM (refused in one line otherwise)."""
@@ -200,7 +160,9 @@ def torch_step(hf_model, layout: DecoderLayout):
 def calibration_feeds(hf_model, layout: DecoderLayout, windows: np.ndarray, decode_steps: int = 8):
     """``(prefill samples, decode samples)``: the feeds each step sees when the float model
     reads ``windows`` ([N, L] token ids): the first ``L − decode_steps`` tokens as prefill
-    chunks, the rest one token at a time (teacher forcing), with the caches they leave."""
+    chunks, the rest one token at a time (teacher forcing), with the caches they leave; and
+    the first ``decode_steps`` tokens one at a time from an empty cache (the first positions
+    carry the largest activations of a causal LM)."""
     from .generate import CacheWindow, run_chunk
 
     step = torch_step(hf_model, layout)
@@ -220,17 +182,26 @@ def calibration_feeds(hf_model, layout: DecoderLayout, windows: np.ndarray, deco
             run_chunk(recording(layout.prefill), layout, window, tokens[start:min(start + layout.prefill, split)], layout.prefill)
         for token in tokens[split:]:
             run_chunk(recording(1), layout, window, [token], 1)
+        window = CacheWindow.empty(layout)
+        for token in tokens[:decode_steps]:
+            run_chunk(recording(1), layout, window, [token], 1)
     return recorded[layout.prefill], recorded[1]
 
 
 def compile_decoder(hf_model, target: str, out_dir, *, calib_ids: np.ndarray, max_context: int = 256,
                     prefill: int = 32, preset: str | None = "w8a8", pipeline: str | None = None,
-                    decode_steps: int = 8, force: bool = False, log=lambda message: None, **options):
+                    decode_steps: int = 8, int8_cache: bool = True, force: bool = False, log=lambda message: None,
+                    **options):
     """Compile a ``transformers`` causal LM into a decoder artifact folder (``prefill/``,
     ``decode/``, ``decoder.json``), both steps calibrated on the feeds they see when the
     float model reads ``calib_ids`` ([N, L] token windows). Load it with
-    :func:`qcompiler.load` and call ``generate()``."""
+    :func:`qcompiler.load` and call ``generate()``. With ``int8_cache`` (and a quantizing
+    preset) the cache crosses between steps as int8 with one static range per layer and
+    kind, from the calibration caches (the ``integer-io`` pass)."""
+    from qcompiler.passes.integer_io import IntegerIO
+
     from .artifact import atomic_output_dir
+    from .io_quantization import integer_io
     from .calibdata import CalibrationData
     from .compiler import compile_model
     from .graph import get_stage
@@ -239,6 +210,8 @@ def compile_decoder(hf_model, target: str, out_dir, *, calib_ids: np.ndarray, ma
     from .pipeline import parse_one
 
     calib_ids = np.asarray(calib_ids)
+    if calib_ids.ndim == 3 and calib_ids.shape[1] == 1:  # [N, 1, L]: a sample axis before batch-1 windows
+        calib_ids = calib_ids[:, 0]
     if calib_ids.ndim != 2 or calib_ids.shape[1] < 2 or calib_ids.dtype.kind not in "iu":
         raise InputError(f"calib_ids: need [windows, tokens] integer token ids, got {calib_ids.dtype} {list(calib_ids.shape)}")
     if calib_ids.shape[1] > max_context:
@@ -248,11 +221,41 @@ def compile_decoder(hf_model, target: str, out_dir, *, calib_ids: np.ndarray, ma
         f"prefill {layout.prefill} tokens")
     prefill_samples, decode_samples = calibration_feeds(hf_model, layout, calib_ids, decode_steps)
     spec = parse_one(target, default_targets())
+    cache_io = IntegerIO(tensors=cache_ranges(layout, prefill_samples + decode_samples)) if int8_cache else None
     results = {}
     with atomic_output_dir(out_dir, force=force) as tmp:
         for name, model, samples in (("prefill", prefill_model, prefill_samples), ("decode", decode_model, decode_samples)):
             chosen, _ = choose(preset, pipeline, get_stage(model), True)
+            chosen = _with_cache_io(chosen, cache_io)
             results[name] = compile_model(model, spec, tmp / name, pipeline=chosen,
                                           calibration=CalibrationData.from_samples(samples), log=log, **options)
-        layout.save(tmp)
+        quantization = integer_io(results["decode"].model)
+        dataclasses.replace(layout, cache_quantization=quantization or None).save(tmp)
     return results
+
+
+__all__ = ["DECODER_FILE", "DecoderLayout", "compile_decoder", "export_steps", "layout_of", "torch_step"]
+
+
+def cache_ranges(layout: DecoderLayout, samples) -> tuple[str, ...]:
+    """``NAME:MIN:MAX`` of every past input and the present output it becomes: the range of
+    the caches the calibration steps read (the same for both steps, so the integers a step
+    writes are the integers the next one reads)."""
+    entries = []
+    for past, present in zip(layout.past_names(), layout.present_names()):
+        lo = min(float(np.min(s[past])) for s in samples)
+        hi = max(float(np.max(s[past])) for s in samples)
+        entries += [f"{past}:{lo!r}:{hi!r}", f"{present}:{lo!r}:{hi!r}"]
+    return tuple(entries)
+
+
+def _with_cache_io(pipeline, cache_io):
+    """``pipeline`` with ``cache_io`` just before ``lower-integer`` (unchanged without one)."""
+    from .pipeline import Pipeline
+
+    passes = list(pipeline)
+    names = [p.name for p in passes]
+    if cache_io is None or "lower-integer" not in names:
+        return pipeline
+    at = names.index("lower-integer")
+    return Pipeline(passes[:at] + [cache_io] + passes[at:])

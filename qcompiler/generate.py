@@ -3,19 +3,17 @@
 A decoder artifact folder holds ``decoder.json`` (:class:`~qcompiler.decoder.DecoderLayout`)
 and two artifacts, ``prefill/`` and ``decode/`` (see :mod:`qcompiler.decoder`). The prompt
 goes through the prefill step in chunks of ``prefill`` tokens (the last one left-padded:
-padding is masked out and takes no position), each generated token through the decode
-step; the cache each step returns is the next step's input.
+padding is masked out and takes no position; a one-token prompt too), each generated
+token through the decode step; the cache each step returns is the next step's input.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from pathlib import Path
-
 import numpy as np
 
-from .decoder import DecoderLayout
+from .decoder_layout import DecoderLayout
 from .errors import InputError
 
 Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -32,8 +30,16 @@ class CacheWindow:
     span: int = 0
 
     @classmethod
-    def empty(cls, layout: DecoderLayout, dtype=np.float32) -> CacheWindow:
-        cache = {name: np.zeros(layout.cache_shape(), dtype) for name in layout.past_names()}
+    def empty(cls, layout: DecoderLayout) -> CacheWindow:
+        """No text yet: float zeros, or the zero point where the cache is integer."""
+        quantization = layout.cache_quantization or {}
+        cache = {}
+        for name in layout.past_names():
+            if name in quantization:
+                q = quantization[name]
+                cache[name] = np.full(layout.cache_shape(), q["zero_point"], np.dtype(q["dtype"]))
+            else:
+                cache[name] = np.zeros(layout.cache_shape(), np.float32)
         return cls(cache, np.zeros(layout.max_context, np.int64))
 
 
@@ -42,6 +48,8 @@ def run_chunk(step: Step, layout: DecoderLayout, window: CacheWindow, tokens: Se
     of the last token ([vocab]) and advances ``window``."""
     n = len(tokens)
     pad = steps - n
+    if not 1 <= n <= steps:
+        raise InputError(f"a step of {steps} tokens was given {n}")
     span = (window.span + steps) if window.span else n
     if span > layout.max_context:
         raise InputError(f"the text needs a cache of {span} slots, over the compiled maximum context of "
@@ -92,7 +100,7 @@ def generate(prefill: Step, decode: Step, layout: DecoderLayout, input_ids, max_
     logits = None
     for start in range(0, len(prompt), layout.prefill):
         chunk = prompt[start:start + layout.prefill]
-        logits = run_chunk(decode, layout, window, chunk, 1) if len(chunk) == 1 else run_chunk(prefill, layout, window, chunk, layout.prefill)
+        logits = run_chunk(prefill, layout, window, chunk, layout.prefill)
     rng = np.random.default_rng(seed) if do_sample else None
     tokens, seen = list(prompt), []
     for i in range(max_new_tokens):
@@ -107,15 +115,11 @@ def generate(prefill: Step, decode: Step, layout: DecoderLayout, input_ids, max_
 
 
 class DecoderRunner:
-    """``qcompiler.load(OUT)`` of a decoder artifact: ``generate()`` over its two steps."""
+    """``qcompiler.load(OUT)`` of a decoder artifact: ``generate()`` over its two steps
+    (``prefill`` and ``decode``: runners of the two artifacts)."""
 
-    def __init__(self, folder: str | Path):
-        from .artifact import load
-
-        folder = Path(folder)
-        self.layout = DecoderLayout.load(folder)
-        self.prefill = load(folder / "prefill")
-        self.decode = load(folder / "decode")
+    def __init__(self, layout: DecoderLayout, prefill, decode):
+        self.layout, self.prefill, self.decode = layout, prefill, decode
 
     def generate(self, input_ids, max_new_tokens: int = 32, **options):
         """See :func:`generate`."""

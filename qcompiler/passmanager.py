@@ -117,7 +117,9 @@ class PassContext:
                 rng = np.random.default_rng(self.seed)
                 samples = [_random_feeds(model, rng) for _ in range(count)]
             self._samples = samples
-        return self._samples[:count]
+        from .io_quantization import quantize_feeds
+
+        return [quantize_feeds(model, s) for s in self._samples[:count]]
 
 
 def _random_feeds(model: ir.Model, rng: np.random.Generator) -> dict[str, np.ndarray]:
