@@ -17,6 +17,7 @@ import os
 from .artifact import load
 from .calibdata import CalibrationData
 from .compiler import CompileResult, compile_model
+from .decoder import compile_decoder
 from .errors import QCompilerError, UserError
 from .integer import IntegerOp
 from .interpreter import ReferenceInterpreter
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis", "CalibrationData", "Capabilities", "CompileResult", "Instrument", "IntegerOp", "Pass", "PassContext",
     "Pipeline", "QCompilerError", "ReferenceInterpreter", "Runner", "Target", "UserError", "VerificationError", "compile",
-    "compile_model", "from_torch", "load", "load_onnx", "option", "run_pipeline",
+    "compile_decoder", "compile_model", "from_torch", "load", "load_onnx", "option", "run_pipeline",
 ]
 
 

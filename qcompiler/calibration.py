@@ -15,6 +15,7 @@ interpreter.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Iterator
 
@@ -47,15 +48,19 @@ class TensorStats:
 
     def update(self, value: np.ndarray) -> None:
         value = np.asarray(value, dtype=np.float32)
-        finite = value[np.isfinite(value)]
+        lo, hi = (float(value.min()), float(value.max())) if value.size else (0.0, 0.0)
+        all_finite = math.isfinite(lo) and math.isfinite(hi)  # NaN or ±inf shows in the min or max
+        finite = value if all_finite else value[np.isfinite(value)]
         if finite.size:
-            self.min = min(self.min, float(finite.min()))
-            self.max = max(self.max, float(finite.max()))
-            self.hist.add(finite)
+            if not all_finite:
+                lo, hi = float(finite.min()), float(finite.max())
+            self.min = min(self.min, lo)
+            self.max = max(self.max, hi)
+            self.hist.add(finite, lo, hi)
         self.count += value.size
         if value.ndim >= 1:
             moved = np.moveaxis(value, self.channel_axis, 0).reshape(value.shape[self.channel_axis], -1)
-            safe = np.where(np.isfinite(moved), moved, 0.0)
+            safe = moved if all_finite else np.where(np.isfinite(moved), moved, 0.0)
             lo, hi = safe.min(axis=1), safe.max(axis=1)
             self.channel_min = lo if self.channel_min is None else np.minimum(self.channel_min, lo)
             self.channel_max = hi if self.channel_max is None else np.maximum(self.channel_max, hi)

@@ -24,33 +24,45 @@ class AdaptiveHistogram:
         self.kmin = 0
         self.counts = np.zeros((channels, bins), dtype=np.int64)
 
-    def add(self, values: np.ndarray) -> None:
-        """Add ``values`` of shape ``(channels, n)`` (or any shape when channels == 1)."""
-        values = np.asarray(values, dtype=np.float64).reshape(self.channels, -1)
+    def add(self, values: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
+        """Add ``values`` of shape ``(channels, n)`` (or any shape when channels == 1), all
+        finite; ``lo``/``hi`` are their min/max when the caller has them.
+
+        The bin of ``x`` is ``⌊x·(1/w)⌋``: ``w`` is a power of two, so the product is exact in
+        float32 as in float64 and float32 data is binned without a float64 copy."""
+        values = np.asarray(values)
+        if values.dtype not in (np.float32, np.float64):
+            values = values.astype(np.float64)
+        values = values.reshape(self.channels, -1)
         if values.size == 0:
             return
+        vmin = float(values.min()) if lo is None else float(lo)
+        vmax = float(values.max()) if hi is None else float(hi)
         if self.width is None:
-            amax = float(np.max(np.abs(values)))
+            amax = max(abs(vmin), abs(vmax))
             if amax == 0.0:
                 amax = 2.0**-20
             self.width = 2.0 ** math.ceil(math.log2(2.0 * amax / self.bins))
-            self.kmin = math.floor(float(np.min(values)) / self.width)
-        k = np.floor(values / self.width).astype(np.int64)
-        lo, hi = int(k.min()), int(k.max())
+            self.kmin = math.floor(vmin / self.width)
         used_hi = self.kmin + self._last_used()
-        lo, hi = min(lo, self.kmin), max(hi, used_hi)
-        while hi - lo + 1 > self.bins:
+        while True:
+            k_lo, k_hi = min(math.floor(vmin / self.width), self.kmin), max(math.floor(vmax / self.width), used_hi)
+            if k_hi - k_lo + 1 <= self.bins:
+                break
             self._double()
-            k = np.floor(values / self.width).astype(np.int64)
-            lo = min(int(k.min()), self.kmin)
-            hi = max(int(k.max()), self.kmin + self._last_used())
-        if lo < self.kmin:
-            shift = self.kmin - lo
+            used_hi = self.kmin + self._last_used()
+        if k_lo < self.kmin:
+            shift = self.kmin - k_lo
             self.counts = np.concatenate(
                 [np.zeros((self.channels, shift), np.int64), self.counts[:, : self.bins - shift]], axis=1
             )
-            self.kmin = lo
-        index = (k - self.kmin) + (np.arange(self.channels)[:, None] * self.bins)
+            self.kmin = k_lo
+        scaled = values * values.dtype.type(1.0 / self.width)
+        np.floor(scaled, out=scaled)
+        index = scaled.astype(np.int64)
+        index -= self.kmin
+        if self.channels > 1:
+            index += np.arange(self.channels)[:, None] * self.bins
         self.counts += np.bincount(index.ravel(), minlength=self.channels * self.bins).reshape(self.channels, self.bins)
 
     def _last_used(self) -> int:

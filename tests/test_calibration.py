@@ -29,6 +29,32 @@ def test_histogram_merging_is_exact_and_batch_independent():
     assert one.total() == data.size
 
 
+def test_float32_data_bins_as_its_float64_copy():
+    """Bins are ⌊x·(1/w)⌋ with w a power of two: exact in float32, so float32 data (binned
+    without a float64 copy) and its float64 copy give the same histogram, channels too."""
+    data = (rng(1).standard_normal((3, 5000)) * np.array([[0.001], [1.0], [300.0]])).astype(np.float32)
+    for channels in (1, 3):
+        single, double = AdaptiveHistogram(256, channels), AdaptiveHistogram(256, channels)
+        for chunk in np.array_split(data, 7, axis=1):
+            single.add(chunk if channels == 3 else chunk.ravel())
+            double.add(chunk.astype(np.float64) if channels == 3 else chunk.ravel().astype(np.float64))
+        assert single.width == double.width and single.kmin == double.kmin
+        np.testing.assert_array_equal(single.counts, double.counts)
+
+
+def test_stats_skip_non_finite_values():
+    from qcompiler.calibration import TensorStats
+
+    clean = rng(2).standard_normal((2, 64)).astype(np.float32)
+    dirty = clean.copy()
+    dirty[0, :3] = [np.nan, np.inf, -np.inf]
+    stats = TensorStats("x", dirty.shape, 0, AdaptiveHistogram(128))
+    stats.update(dirty)
+    finite = np.concatenate([clean[0, 3:], clean[1]])
+    assert (stats.min, stats.max) == (float(finite.min()), float(finite.max()))
+    assert stats.hist.total() == finite.size
+
+
 def test_quantiles_within_a_bin():
     data = rng(1).standard_normal(100000)
     hist = AdaptiveHistogram(2048)

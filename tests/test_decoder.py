@@ -1,4 +1,6 @@
-"""Decoder artifacts: prefill/decode steps over a static KV cache, generate(), their errors."""
+"""Decoder artifacts: prefill/decode steps over a static KV cache, generate(), their errors.
+
+The steps' float semantics are in the fast lane; everything that compiles a decoder is slow."""
 
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def test_static_cache_steps_match_the_full_forward(kv_heads):
     assert np.array_equal(full[len(prompt) - 1:len(tokens) - 1].argmax(-1), tokens[len(prompt):])
 
 
+@pytest.mark.slow
 def test_float_artifact_equals_the_torch_steps(llama, calib_ids, tmp_path):
     compile_decoder(llama, "reference", tmp_path / "out", calib_ids=calib_ids, max_context=32, prefill=8, preset="float")
     runner = qcompiler.load(tmp_path / "out")
@@ -67,6 +70,7 @@ def w8a8_reference(llama, calib_ids, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_w8a8_decoder_is_integer_only_and_close_to_float(w8a8_reference, llama):
     import onnx
 
@@ -82,6 +86,7 @@ def test_w8a8_decoder_is_integer_only_and_close_to_float(w8a8_reference, llama):
         assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.99
 
 
+@pytest.mark.slow
 def test_masked_cache_slots_do_not_change_the_logits(w8a8_reference):
     """Slots the mask marks empty get probability exactly 0 in the integer softmax:
     filling them with anything leaves the decode step's logits bit-identical."""
@@ -102,6 +107,7 @@ def test_masked_cache_slots_do_not_change_the_logits(w8a8_reference):
     np.testing.assert_array_equal(runner.decode.run(feeds)["logits"], runner.decode.run(noisy)["logits"])
 
 
+@pytest.mark.slow
 def test_the_cache_crosses_steps_as_int8_and_round_trips(w8a8_reference):
     """One static range per layer and kind for both steps: the int8 a step writes for the
     slots it keeps are the int8 it read, and prefill writes what decode reads."""
@@ -120,6 +126,7 @@ def test_the_cache_crosses_steps_as_int8_and_round_trips(w8a8_reference):
         np.testing.assert_array_equal(window.cache[name][:, :, :-1], before[name][:, :, 1:])
 
 
+@pytest.mark.slow
 def test_generate_checks_its_inputs(w8a8_reference):
     runner = qcompiler.load(w8a8_reference)
     with pytest.raises(InputError, match="token id 128 is out of range"):
@@ -130,6 +137,7 @@ def test_generate_checks_its_inputs(w8a8_reference):
         runner.generate([], 2)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(w8a8_reference):
     runner = qcompiler.load(w8a8_reference)
     a = runner.generate(PROMPTS[0], 6, do_sample=True, seed=5, temperature=1.5)
@@ -145,6 +153,7 @@ def test_a_model_that_is_not_llama_family_is_refused():
         layout_of(gpt2, 32, 8)
 
 
+@pytest.mark.slow
 def test_cli_generate(w8a8_reference, cli):
     done = cli("generate", w8a8_reference, "--ids", "5,17,99", "--max-new-tokens", "4")
     assert done.returncode == 0, done.stderr
