@@ -59,17 +59,10 @@ class _Evaluator:
         self.reference = [self._select(reference.run(None, s), s) for s in samples]
         self.model = model
         self._emulator = None
+        self.cluster = None  # set by the pass when a cluster is given
 
     def _select(self, outputs, sample: dict) -> np.ndarray:
-        mask = None if self.mask_input is None else np.asarray(sample[self.mask_input]) != 0
-        parts = []
-        for array in outputs:
-            array = np.asarray(array)
-            if mask is not None and array.shape[: mask.ndim] == mask.shape:
-                parts.append(array[mask].ravel())
-            else:
-                parts.append(array.ravel())
-        return np.concatenate(parts)
+        return _select(outputs, sample, self.mask_input)
 
     @staticmethod
     def _session(proto: onnx.ModelProto):
@@ -80,17 +73,78 @@ class _Evaluator:
         options.log_severity_level = 3
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-    def score(self) -> tuple[float, float]:
-        """``(SQNR dB, noise power)`` of the current model against float (one emulation
-        session for every variant: :class:`qcompiler.qdq_emulation.QDQEmulator`)."""
+    def variants(self, apply_revert: list) -> list[tuple[float, float]]:
+        """``score()`` of each variant; a variant is ``(apply, revert)``, callables that edit
+        the model's parameters. On a cluster (``cluster``) the variants' parameter feeds
+        are scored by workers that hold the emulation session (one task per variant)."""
+        if self.cluster is None or len(apply_revert) < 2:
+            scores = []
+            for apply, revert in apply_revert:
+                apply()
+                scores.append(self.score())
+                revert()
+            return scores
+        emulator = self._emulator_now()
+        base = emulator._parameters()
+        changes = []
+        for apply, revert in apply_revert:
+            apply()
+            params = emulator._parameters()
+            changes.append({k: v for k, v in params.items() if v is not base[k] and not np.array_equal(v, base[k])})
+            revert()
+        state = (emulator.emulation_bytes, base, self.samples, self.reference, self.mask_input)
+        return self.cluster.map_with_state(_SweepState, state, _score_variant, changes)
+
+    def _emulator_now(self):
         if self._emulator is None:
             from qcompiler.qdq_emulation import QDQEmulator
 
             self._emulator = QDQEmulator(self.model)
-        outs = [self._select(self._emulator.run(s), s) for s in self.samples]
-        ref = np.concatenate(self.reference)
-        got = np.concatenate(outs)
-        return sqnr_db(ref, got), float(np.mean((ref.astype(np.float64) - got) ** 2))
+        return self._emulator
+
+    def score(self) -> tuple[float, float]:
+        """``(SQNR dB, noise power)`` of the current model against float (one emulation
+        session for every variant: :class:`qcompiler.qdq_emulation.QDQEmulator`)."""
+        emulator = self._emulator_now()
+        outs = [self._select(emulator.run(s), s) for s in self.samples]
+        return _noise(self.reference, outs)
+
+
+def _select(outputs, sample: dict, mask_input: str | None) -> np.ndarray:
+    """The outputs as one vector, without the positions ``mask_input`` marks 0."""
+    mask = None if mask_input is None else np.asarray(sample[mask_input]) != 0
+    parts = []
+    for array in outputs:
+        array = np.asarray(array)
+        if mask is not None and array.shape[: mask.ndim] == mask.shape:
+            parts.append(array[mask].ravel())
+        else:
+            parts.append(array.ravel())
+    return np.concatenate(parts)
+
+
+def _noise(reference: list[np.ndarray], outs: list[np.ndarray]) -> tuple[float, float]:
+    ref = np.concatenate(reference)
+    got = np.concatenate(outs)
+    return sqnr_db(ref, got), float(np.mean((ref.astype(np.float64) - got) ** 2))
+
+
+class _SweepState:
+    """A cluster worker's copy of the evaluator: the emulation session and the samples."""
+
+    def __init__(self, emulation_bytes: bytes, base: dict, samples: list, reference: list, mask_input):
+        import onnxruntime as ort
+
+        from qcompiler.qdq_emulation import session_options
+
+        self.session = ort.InferenceSession(emulation_bytes, session_options(), providers=["CPUExecutionProvider"])
+        self.base, self.samples, self.reference, self.mask_input = base, samples, reference, mask_input
+
+
+def _score_variant(state: _SweepState, change: dict) -> tuple[float, float]:
+    params = {**state.base, **change}
+    outs = [_select(state.session.run(None, {**params, **s}), s, state.mask_input) for s in state.samples]
+    return _noise(state.reference, outs)
 
 
 @dataclasses.dataclass
@@ -172,6 +226,7 @@ class AllocateBits(Pass):
             raise ValueError(f"valid_mask names '{self.valid_mask}', which is not a model input; inputs are {inputs}")
         ensure_opset(model, 21)  # int16 activations and int4 weights
         evaluator = _Evaluator(model, float_proto, samples, self.valid_mask or None)
+        evaluator.cluster = ctx.options.get("cluster")
         report = ctx.report.setdefault("mixed_precision", {})
         report["start_sqnr_db"] = round(evaluator.score()[0], 2)
         changed = False
@@ -209,12 +264,8 @@ class AllocateBits(Pass):
         for group in candidates:
             group.set_bits(16)
         _, base_noise = evaluator.score()
-        added = []
-        for group in candidates:
-            group.set_bits(8)
-            sqnr, noise = evaluator.score()
-            group.set_bits(16)
-            added.append((max(noise - base_noise, 0.0), sqnr, group))
+        scores = evaluator.variants([(lambda g=g: g.set_bits(8), lambda g=g: g.set_bits(16)) for g in candidates])
+        added = [(max(noise - base_noise, 0.0), sqnr, group) for (sqnr, noise), group in zip(scores, candidates)]
         # Most harmful first: 16 bits until the 8-bit tensors add at most act_noise_ratio × the
         # noise of the all-16-bit configuration.
         added.sort(key=lambda item: -item[0])
@@ -246,10 +297,9 @@ class AllocateBits(Pass):
         if self.weight_method == "gptq":
             self._attach_gptq(layers, ctx, float_proto)
         _, base_noise = evaluator.score()
-        for layer in layers:
-            self._set_weight_bits(layer, 4)
-            _, noise = evaluator.score()
-            self._set_weight_bits(layer, 8)
+        scores = evaluator.variants([(lambda l=l: self._set_weight_bits(l, 4), lambda l=l: self._set_weight_bits(l, 8))
+                                     for l in layers])
+        for layer, (_, noise) in zip(layers, scores):
             layer.noise4 = max(noise - base_noise, 1e-30)
         # Theorem 8: b_l = ½·log2(α_l σ_l² / (λ n_l)), α_l σ_l² ≈ N_l(4)·2^8.
         strength = np.array([l.noise4 * 2.0**8 for l in layers])

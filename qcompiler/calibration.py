@@ -67,6 +67,17 @@ class TensorStats:
             if self.channel_hist is not None:
                 self.channel_hist.add(safe)
 
+    def merge(self, other: TensorStats) -> None:
+        """Add the statistics of other samples of the same tensor (exact, any order)."""
+        self.count += other.count
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.hist.merge(other.hist)
+        if other.channel_min is not None:
+            self.channel_min = other.channel_min if self.channel_min is None else np.minimum(self.channel_min, other.channel_min)
+            self.channel_max = other.channel_max if self.channel_max is None else np.maximum(self.channel_max, other.channel_max)
+        if self.channel_hist is not None and other.channel_hist is not None:
+            self.channel_hist.merge(other.channel_hist)
+
     @property
     def absmax(self) -> float:
         return max(abs(self.min), abs(self.max)) if np.isfinite(self.min) else 0.0
@@ -164,21 +175,76 @@ class ActivationStats(Analysis):
 
     def compute(self, model: ir.Model, ctx: PassContext) -> dict[str, TensorStats]:
         data = ctx.require_calibration("calibration")
-        values = activation_values(model)
-        stats: dict[str, TensorStats] = {}
-        for value in values:
-            axis = channel_axis_of(value)
-            shape = tuple(int(d) if isinstance(d, int) else -1 for d in (value.shape or ()))
-            channels = shape[axis] if shape and shape[axis] > 0 else 1
-            stats[value.name] = TensorStats(
-                value.name, shape, axis, AdaptiveHistogram(self.bins),
-                channel_hist=AdaptiveHistogram(self.channel_bins, channels) if value.name in self.channel_histograms else None,
-            )
+        layout = self.layout(model)
+        stats = _empty_stats(layout)
+        cluster = ctx.options.get("cluster")
+        if cluster is not None and len(data) > 2 and cluster.workers > 1:
+            return self._compute_on(cluster, model, data, layout)
         runner = _Runner(model, list(stats))
         for feeds in _progress(data, ctx, self.max_samples):
             for name, array in runner(feeds).items():
                 stats[name].update(array)
         return stats
+
+    def layout(self, model: ir.Model) -> dict[str, tuple]:
+        """Per activation: ``(shape, channel axis, bins, channel bins or None, channels)``."""
+        layout = {}
+        for value in activation_values(model):
+            axis = channel_axis_of(value)
+            shape = tuple(int(d) if isinstance(d, int) else -1 for d in (value.shape or ()))
+            channels = shape[axis] if shape and shape[axis] > 0 else 1
+            layout[value.name] = (shape, axis, self.bins,
+                                  self.channel_bins if value.name in self.channel_histograms else None, channels)
+        return layout
+
+    def _compute_on(self, cluster, model: ir.Model, data, layout) -> dict[str, TensorStats]:
+        """The same statistics from shards of the samples on the cluster: the first sample
+        here (it fixes every histogram's starting width), the rest in one shard per worker
+        started at those widths, merged exactly (bit-identical to one process)."""
+        from .cluster import shards
+
+        samples = [feeds for feeds, _ in zip(data, range(self.max_samples or len(data)))]
+        stats = _empty_stats(layout)
+        first = _Runner(model, list(stats))(samples[0])
+        for name, array in first.items():
+            stats[name].update(array)
+        widths = {name: (s.hist.width, s.channel_hist.width if s.channel_hist is not None else None)
+                  for name, s in stats.items()}
+        model_ref = cluster.put(ir.to_proto(model).SerializeToString())
+        parts = shards(samples[1:], cluster.workers)
+        jobs = [(i, [cluster.put(s) for s in part]) for i, part in enumerate(parts)]
+        for shard in cluster.map(_shard_stats, jobs, model_ref, layout, widths):
+            for name, other in shard.items():
+                stats[name].merge(other)
+        return stats
+
+
+def _empty_stats(layout: dict[str, tuple], widths: dict | None = None) -> dict[str, TensorStats]:
+    stats = {}
+    for name, (shape, axis, bins, channel_bins, channels) in layout.items():
+        width, channel_width = (widths or {}).get(name, (None, None))
+        stats[name] = TensorStats(
+            name, shape, axis, AdaptiveHistogram(bins, width=width),
+            channel_hist=AdaptiveHistogram(channel_bins, channels, width=channel_width) if channel_bins else None,
+        )
+    return stats
+
+
+def _shard_stats(job, model_bytes: bytes, layout: dict, widths: dict) -> dict[str, TensorStats]:
+    """Statistics of one shard of samples (a cluster task)."""
+    import ray
+
+    from .cluster import fault_drill
+
+    index, refs = job
+    fault_drill("calibration", index)
+    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(model_bytes))
+    stats = _empty_stats(layout, widths)
+    runner = _Runner(model, list(stats))
+    for feeds in ray.get(list(refs)):
+        for name, array in runner(feeds).items():
+            stats[name].update(array)
+    return stats
 
 
 def _progress(data, ctx: PassContext, limit: int | None) -> Iterator[dict[str, np.ndarray]]:

@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_CACHE_HOME/qcompiler/tuning, i.e. ~/.cache/qcompiler/tuning); "
         "with --tune 0 the records found there are still used",
     )
+    scale = parser.add_argument_group("scale-out (needs Ray: pip install 'qcompiler[cluster]')")
+    scale.add_argument(
+        "--cluster", metavar="SPEC",
+        help="compute calibration statistics on a Ray cluster: local:N (start one with N workers) or "
+        "ray://HOST:PORT (join one); the output files are the same as without it",
+    )
+    scale.add_argument(
+        "--jobs", metavar="FILE",
+        help="compile every job of a TOML file ([[job]] tables: model, target, output, preset/pipeline, calib, ...) "
+        "and print a summary; the exit status is the number of failed jobs",
+    )
     diag = parser.add_argument_group("diagnostics")
     diag.add_argument("--time-passes", action="store_true", help="print the time each pass took")
     diag.add_argument("--print-ir-after-change", action="store_true", help="print the IR (stderr) after each pass that changed it")
@@ -188,6 +199,8 @@ def run(argv: list[str] | None = None) -> int:
 
         aarch64_toolchain.setup(log=lambda message: print(f"{PROG}: {message}", file=out))
         return 0
+    if args.jobs:
+        return _run_jobs(args, out)
     if not args.model:
         raise UserError(f"no model given (see {PROG} --help)")
     if not args.target:
@@ -195,6 +208,27 @@ def run(argv: list[str] | None = None) -> int:
     if not args.out_dir:
         raise UserError("no output folder given (-o OUT_DIR)")
     return _compile(args, out)
+
+
+def _run_jobs(args, out) -> int:
+    """``--jobs FILE``: every job, a summary table; the exit status is the number that failed."""
+    import contextlib
+
+    from .jobs import load_jobs, run_jobs, summary
+
+    jobs = load_jobs(args.jobs)
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if args.cluster:
+            from .cluster import connect
+
+            cluster = stack.enter_context(connect(args.cluster))
+        rows = run_jobs(jobs, cluster=cluster, progress=sys.stderr.isatty())
+    print(summary(rows), file=out)
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"{PROG}: job {row['name']!r} failed: {row['error']}", file=sys.stderr)
+    return min(sum(r["status"] != "ok" for r in rows), 100)
 
 
 def _compile(args, out) -> int:
@@ -261,6 +295,7 @@ def _compile(args, out) -> int:
         instruments=instruments, force=args.force, report=args.report,
         log=(lambda m: print(m, file=sys.stderr)) if args.debug else (lambda m: None),
         tuning=tuning, verify=not args.no_verify, verify_samples=args.verify_samples,
+        cluster=args.cluster,
     )
     for message in result.context.warnings:
         print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)

@@ -91,6 +91,7 @@ def compile_model(
     tuning=None,
     verify: bool = True,
     verify_samples: int = 2,
+    cluster=None,
 ) -> CompileResult:
     """Compile ``model`` (modified in place) for ``target`` into ``out_dir``.
 
@@ -105,6 +106,10 @@ def compile_model(
     ``tuning`` (a :class:`qcompiler.targets.tvm_bridge.tuning.TuningOptions`): tune the kernels with
     MetaSchedule and keep the results in a database; only targets with ``tunable`` take it
     (others raise :class:`TargetError`). The manifest's ``tuning`` says what was done.
+
+    ``cluster`` (``"local:N"``, ``"ray://HOST:PORT"`` or a connected
+    :class:`qcompiler.cluster.Cluster`): calibration statistics are computed in shards on
+    it and merged exactly; every output file is the same as without it.
     """
     if tuning is not None and not target.tunable:
         from .target import default_targets
@@ -125,6 +130,15 @@ def compile_model(
     )
     if tuning is not None:
         ctx.options["tuning"] = tuning
+    if isinstance(cluster, str):  # a spec: connect for this compile only
+        from .cluster import connect
+
+        with connect(cluster) as connected:
+            return compile_model(model, target, out_dir, pipeline=pipeline, calibration=calibration, seed=seed,
+                                 instruments=instruments, force=force, report=report, log=log, tuning=tuning,
+                                 verify=verify, verify_samples=verify_samples, cluster=connected)
+    if cluster is not None:
+        ctx.options["cluster"] = cluster
     full = pipeline
     if target.legalize:
         full = pipeline + Pipeline.parse(target.legalize)

@@ -60,6 +60,10 @@ class OutputDirError(UserError):
     """The output folder cannot be written as asked."""
 
 
+class ClusterError(UserError):
+    """The cluster (``--cluster``) cannot be reached or was lost."""
+
+
 class PassFailure(QCompilerError):
     """A pass raised an unexpected exception (a bug); carries the reproducer path."""
 

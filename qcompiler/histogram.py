@@ -17,11 +17,15 @@ import numpy as np
 class AdaptiveHistogram:
     """Counts per channel on a shared power-of-two grid."""
 
-    def __init__(self, bins: int = 2048, channels: int = 1):
+    def __init__(self, bins: int = 2048, channels: int = 1, width: float | None = None):
+        """``width``: the starting bin width (a power of two) instead of one fitted to the
+        first data added: shards of one data set started with the width the whole set
+        starts with merge into exactly the histogram of the whole set (:meth:`merge`)."""
         self.bins = bins
         self.channels = channels
-        self.width: float | None = None
+        self.width: float | None = width
         self.kmin = 0
+        self.started = False  # kmin is set by the first data added
         self.counts = np.zeros((channels, bins), dtype=np.int64)
 
     def add(self, values: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
@@ -38,12 +42,10 @@ class AdaptiveHistogram:
             return
         vmin = float(values.min()) if lo is None else float(lo)
         vmax = float(values.max()) if hi is None else float(hi)
-        if self.width is None:
-            amax = max(abs(vmin), abs(vmax))
-            if amax == 0.0:
-                amax = 2.0**-20
-            self.width = 2.0 ** math.ceil(math.log2(2.0 * amax / self.bins))
+        if not self.started:
+            self.width = self.width or self.starting_width(vmin, vmax, self.bins)
             self.kmin = math.floor(vmin / self.width)
+            self.started = True
         used_hi = self.kmin + self._last_used()
         while True:
             k_lo, k_hi = min(math.floor(vmin / self.width), self.kmin), max(math.floor(vmax / self.width), used_hi)
@@ -64,6 +66,52 @@ class AdaptiveHistogram:
         if self.channels > 1:
             index += np.arange(self.channels)[:, None] * self.bins
         self.counts += np.bincount(index.ravel(), minlength=self.channels * self.bins).reshape(self.channels, self.bins)
+
+    @staticmethod
+    def starting_width(vmin: float, vmax: float, bins: int) -> float:
+        """The bin width the first data ``[vmin, vmax]`` gets: the power of two that spans
+        ``2·max|x|`` in ``bins`` bins."""
+        amax = max(abs(vmin), abs(vmax)) or 2.0**-20
+        return 2.0 ** math.ceil(math.log2(2.0 * amax / bins))
+
+    def merge(self, other: AdaptiveHistogram) -> None:
+        """Add ``other``'s counts. Exact: both grids are powers of two, the finer one is
+        coarsened by doubling (``⌊x/2w⌋ = ⌊⌊x/w⌋/2⌋``) and both double while their union
+        does not fit. Shards started with the same width (``width=`` of the constructor)
+        merge, in any order, into the histogram of the whole data added in one process."""
+        if not other.started:
+            return
+        if self.channels != other.channels or self.bins != other.bins:
+            raise ValueError("merging histograms of different shapes")
+        other = other.copy()
+        if not self.started:
+            self.width, self.kmin, self.counts, self.started = other.width, other.kmin, other.counts, True
+            return
+        while self.width < other.width:
+            self._double()
+        while other.width < self.width:
+            other._double()
+        while True:
+            lo = min(self.kmin, other.kmin)
+            hi = max(self.kmin + self._last_used(), other.kmin + other._last_used())
+            if hi - lo + 1 <= self.bins:
+                break
+            self._double()
+            other._double()
+        self.counts = self._shifted(lo) + other._shifted(lo)
+        self.kmin = lo
+
+    def _shifted(self, kmin: int) -> np.ndarray:
+        """The counts on a grid starting at ``kmin`` (≤ self.kmin)."""
+        shift = self.kmin - kmin
+        if shift == 0:
+            return self.counts
+        return np.concatenate([np.zeros((self.channels, shift), np.int64), self.counts[:, : self.bins - shift]], axis=1)
+
+    def copy(self) -> AdaptiveHistogram:
+        twin = AdaptiveHistogram(self.bins, self.channels)
+        twin.width, twin.kmin, twin.counts, twin.started = self.width, self.kmin, self.counts.copy(), self.started
+        return twin
 
     def _last_used(self) -> int:
         nonzero = np.nonzero(self.counts.any(axis=0))[0]
@@ -86,7 +134,7 @@ class AdaptiveHistogram:
 
     def channel(self, c: int) -> AdaptiveHistogram:
         view = AdaptiveHistogram(self.bins, 1)
-        view.width, view.kmin, view.counts = self.width, self.kmin, self.counts[c : c + 1]
+        view.width, view.kmin, view.counts, view.started = self.width, self.kmin, self.counts[c : c + 1], self.started
         return view
 
     def total(self) -> int:

@@ -105,10 +105,8 @@ class QDQEmulator:
                                   [t for t in proto.graph.initializer])
         emulation = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
         emulation = _sorted(emulation)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        return ort.InferenceSession(emulation.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.emulation_bytes = emulation.SerializeToString()
+        return ort.InferenceSession(self.emulation_bytes, session_options(), providers=["CPUExecutionProvider"])
 
     def _parameters(self) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
@@ -140,6 +138,17 @@ class QDQEmulator:
         return self._session.run(None, {**self._parameters(), **feeds})
 
 
+def session_options():
+    """onnxruntime options of an emulation session (the same in every process of a cluster,
+    so a variant scores the same wherever it runs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
 def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     """Nodes in topological order (the emulation nodes were added in front of their readers)."""
     import onnx_ir as _ir
@@ -149,4 +158,4 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     return _ir.to_proto(ir_model)
 
 
-__all__ = ["QDQEmulator"]
+__all__ = ["QDQEmulator", "session_options"]
