@@ -127,7 +127,9 @@ class InsertFakeQuant(Pass):
 
     weights: str = option("int8:per-channel", "weight format (int4|int8|int16 : per-tensor|per-channel|per-group[:size])")
     activations: str = option("int8:per-tensor:asym", "activation format, or 'none' for weight-only")
-    weight_method: Literal["mse", "gptq"] = option("mse", "weights: MSE-optimal clipping, or GPTQ error compensation (MatMul/Gemm, per-channel)")
+    weight_method: Literal["mse", "gptq", "pow2"] = option(
+        "mse", "weights: MSE-optimal clipping, GPTQ error compensation (MatMul/Gemm, per-channel), or power-of-two values")
+    second_moment: bool = option(False, "weights: scale each channel by γ = sqrt(E[W²]/E[Q(W)²]) (seed 003 eq. 18)")
     method: Literal["minmax", "percentile", "mse", "entropy"] = option("mse", "activation range method")
     percentile: float = option(99.99, "percentile for method=percentile")
     wide_below_db: float = option(0.0, "8-bit activations whose estimated SQNR is below this get 16 bits (0: never)")
@@ -218,7 +220,9 @@ class InsertFakeQuant(Pass):
         count = 0
         for text, nodes in groups.items():
             count += quantize_weights(model, ctx, QFormat.parse(text), ("MatMul", "Gemm", "Conv", "ConvTranspose"),
-                                      keep_float=(), only=set(nodes), hessians=hessians)
+                                      keep_float=(), only=set(nodes), hessians=hessians,
+                                      method="pow2" if self.weight_method == "pow2" else "mse",
+                                      second_moment=self.second_moment)
         return count > 0
 
     # -- activations -------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -13,7 +14,7 @@ from qcompiler.gptq import gptq_for_node
 from qcompiler.graph import NameFactory, add_initializer, const_array, ensure_opset
 from qcompiler.instruments import sqnr_db
 from qcompiler.pipeline import Pass, option
-from qcompiler.quant import QFormat, QuantizedTensor, quantize_weight
+from qcompiler.quant import QFormat, QuantizedTensor, pow2_quantize_weight, quantize_weight, second_moment_scaled
 
 
 def weight_slots(node: ir.Node) -> list[tuple[int, int, int]]:
@@ -70,10 +71,15 @@ def quantize_weights(
     model: ir.Model, ctx, fmt: QFormat, ops: tuple[str, ...], keep_float: tuple[str, ...],
     only: set[str] | None = None,
     hessians: dict | None = None,
+    method: str = "mse",
+    second_moment: bool = False,
 ) -> int:
     """Replace the float weights of ``ops`` nodes by DequantizeLinear of integers; returns count.
 
     ``keep_float`` are node-name globs to skip; ``only`` restricts to these node names.
+    ``method``: ``mse`` (clipping search), ``gptq`` (with ``hessians``), ``pow2`` (power-of-two
+    values, :func:`~qcompiler.quant.pow2_quantize_weight`). ``second_moment``: scale each
+    channel by γ (:func:`~qcompiler.quant.second_moment_scaled`).
     """
     if fmt.bits != 8 or fmt.granularity == "per-group" or not fmt.signed:
         ensure_opset(model, 21)  # int4/int16/uint weights and block_size need opset 21
@@ -94,8 +100,12 @@ def quantize_weights(
                 if array.dtype != np.float32 or array.size < 2:
                     continue
                 qt = gptq_for_node(node, array, hessians, fmt) if hessians else None
+                if qt is None and method == "pow2":
+                    qt = pow2_quantize_weight(array, fmt, channel_axis)
                 if qt is None:
                     qt = quantize_weight(array, fmt, channel_axis, reduce_axis)
+                if second_moment:
+                    qt = second_moment_scaled(qt, array)
                 dq = dequantize_node(graph, names, weight.name or node.name, qt)
                 graph.insert_before(node, dq)  # graph order: this is the first user among `ops`
                 done[id(weight)] = dq.outputs[0]
@@ -103,7 +113,7 @@ def quantize_weights(
                     "weight": weight.name,
                     "node": node.name,
                     "op": node.op_type,
-                    "format": str(fmt),
+                    "format": str(fmt) + (":pow2" if method == "pow2" else "") + (":γ" if second_moment else ""),
                     "sqnr_db": round(sqnr_db(array, qt.dequantize()), 2),
                 })
             node.replace_input_with(index, done[id(weight)])
@@ -123,12 +133,15 @@ class QuantizeWeights(Pass):
     format: str = option("int8:per-channel", "weight format, e.g. int8:per-channel, int4:per-group:32")
     ops: tuple[str, ...] = option(("MatMul", "Gemm", "Conv", "ConvTranspose"), "op types whose weights are quantized")
     keep_float: tuple[str, ...] = option((), "node-name patterns (fnmatch) to leave in float")
+    method: Literal["mse", "pow2"] = option("mse", "mse: clipping search; pow2: power-of-two values (products are shifts)")
+    second_moment: bool = option(False, "scale each channel by γ = sqrt(E[W²]/E[Q(W)²]) (seed 003 eq. 18)")
 
     def __post_init__(self):
         QFormat.parse(self.format)  # raises ValueError -> PipelineError on bad text
 
     def run(self, model: ir.Model, ctx) -> bool:
-        count = quantize_weights(model, ctx, QFormat.parse(self.format), self.ops, self.keep_float)
+        count = quantize_weights(model, ctx, QFormat.parse(self.format), self.ops, self.keep_float,
+                                 method=self.method, second_moment=self.second_moment)
         ctx.log(f"quantize-weights: {count} weights as {self.format}")
         ir_common.RemoveUnusedNodesPass()(model)
         return count > 0

@@ -82,7 +82,7 @@ class Cluster:
 
             ray.shutdown()
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

@@ -67,7 +67,7 @@ def load_jobs(path: str | Path) -> list[Job]:
         for field in ("model", "target", "output"):
             if not isinstance(entry.get(field), str) or not entry[field]:
                 raise InputError(f"{where}: needs {field} = \"...\"")
-        resolve = lambda p: str(p if Path(p).is_absolute() else base / p)  # noqa: E731
+        resolve = lambda p: str(p if Path(p).is_absolute() else base / p)
         name = str(entry.get("name") or Path(entry["output"]).name)
         if name in names:
             raise InputError(f"{where}: a second job named {name!r}")

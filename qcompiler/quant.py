@@ -220,5 +220,47 @@ def quantize_weight(w: np.ndarray, fmt: QFormat, channel_axis: int, reduce_axis:
     return QuantizedTensor(np.moveaxis(q, -1, reduce_axis), scale, zero, axis=reduce_axis, block_size=size)
 
 
+def pow2_quantize_weight(w: np.ndarray, fmt: QFormat, channel_axis: int) -> QuantizedTensor:
+    """Power-of-two (log) weights: every value is 0 or ``±s·2^e`` with ``e ∈ [0, E]``, so a
+    product by it is a shift. With ``b`` bits (one for the sign) there are ``2^(b−1)``
+    magnitudes, ``0`` and ``2^0 … 2^E`` with ``E = 2^(b−1) − 2``; per output channel ``s =
+    max|W|/2^E`` and ``e = round(log2(|w|/s))`` (rounded in the log domain), clamped to
+    ``[0, E]``, ``0`` where ``|w| < s/√2``. Stored as integers ``±2^e`` on the format's
+    type (int8 holds ``2^6``, so 8-bit formats are capped at ``E = 6``), they lower like any
+    symmetric per-channel weight."""
+    w = np.asarray(w, dtype=np.float32)
+    top = min(2 ** (fmt.bits - 1) - 2, 6 if fmt.bits <= 8 else 14)
+    channel_axis %= max(w.ndim, 1)
+    rows = np.moveaxis(w, channel_axis, 0).reshape(w.shape[channel_axis], -1).astype(np.float64)
+    amax = np.abs(rows).max(axis=1)
+    scale = np.where(amax > 0, amax / 2.0**top, 1.0)
+    with np.errstate(divide="ignore"):
+        exponent = np.round(np.log2(np.abs(rows) / scale[:, None]))
+    magnitude = np.where(exponent < 0, 0.0, 2.0 ** np.clip(exponent, 0, top))
+    q = (np.sign(rows) * magnitude).reshape(np.moveaxis(w, channel_axis, 0).shape)
+    q = np.moveaxis(q, 0, channel_axis).astype(np.dtype(np.int16) if fmt.bits > 8 else np.dtype(np.int8))
+    return QuantizedTensor(q, scale.astype(np.float32), np.zeros(scale.shape, q.dtype), axis=channel_axis)
+
+
+def second_moment_scaled(qt: QuantizedTensor, w: np.ndarray) -> QuantizedTensor:
+    """The dequantized weights scaled by ``γ = sqrt(E[W²] / E[Q(W)²])`` per scale entry
+    (seed 003, eq. 18: quantization keeps each channel's second moment); the integers are
+    unchanged, only the dequantization scales move."""
+    w = np.asarray(w, np.float64)
+    dq = qt.dequantize().astype(np.float64)
+    if qt.block_size or qt.axis is None or np.asarray(qt.scale).ndim == 0:
+        if qt.block_size:
+            return qt  # per-group: left as it is (a γ per block would need the block layout)
+        energy, quantized = float(np.sum(w * w)), float(np.sum(dq * dq))
+        gamma = np.sqrt(energy / quantized) if quantized > 0 else 1.0
+    else:
+        axis = qt.axis % w.ndim
+        energy = np.sum(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) ** 2, axis=1)
+        quantized = np.sum(np.moveaxis(dq, axis, 0).reshape(w.shape[axis], -1) ** 2, axis=1)
+        gamma = np.where(quantized > 0, np.sqrt(energy / np.where(quantized > 0, quantized, 1.0)), 1.0)
+    scale = (np.asarray(qt.scale, np.float64) * gamma).astype(np.float32)
+    return QuantizedTensor(qt.data, scale, qt.zero_point, qt.axis, qt.block_size)
+
+
 def onnx_dtype(dtype: np.dtype) -> ir.DataType:
     return ir.DataType.from_numpy(np.dtype(dtype))
