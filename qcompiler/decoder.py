@@ -197,7 +197,8 @@ def compile_decoder(hf_model, target: str, out_dir, *, calib_ids: np.ndarray, ma
     float model reads ``calib_ids`` ([N, L] token windows). Load it with
     :func:`qcompiler.load` and call ``generate()``. With ``int8_cache`` (and a quantizing
     preset) the cache crosses between steps as int8 with one static range per layer and
-    kind, from the calibration caches (the ``integer-io`` pass)."""
+    kind, from the calibration caches (the ``integer-io`` pass). Returns the two steps'
+    manifests (``{"prefill": ..., "decode": ...}``)."""
     from qcompiler.passes.integer_io import IntegerIO
 
     from .artifact import atomic_output_dir
@@ -222,16 +223,20 @@ def compile_decoder(hf_model, target: str, out_dir, *, calib_ids: np.ndarray, ma
     prefill_samples, decode_samples = calibration_feeds(hf_model, layout, calib_ids, decode_steps)
     spec = parse_one(target, default_targets())
     cache_io = IntegerIO(tensors=cache_ranges(layout, prefill_samples + decode_samples)) if int8_cache else None
-    results = {}
+    manifests, quantization = {}, {}
+    steps = {"prefill": (prefill_model, prefill_samples), "decode": (decode_model, decode_samples)}
+    del prefill_model, decode_model, prefill_samples, decode_samples
     with atomic_output_dir(out_dir, force=force) as tmp:
-        for name, model, samples in (("prefill", prefill_model, prefill_samples), ("decode", decode_model, decode_samples)):
+        for name in ("prefill", "decode"):
+            model, samples = steps.pop(name)  # one step in memory at a time
             chosen, _ = choose(preset, pipeline, get_stage(model), True)
             chosen = _with_cache_io(chosen, cache_io)
-            results[name] = compile_model(model, spec, tmp / name, pipeline=chosen,
-                                          calibration=CalibrationData.from_samples(samples), log=log, **options)
-        quantization = integer_io(results["decode"].model)
+            result = compile_model(model, spec, tmp / name, pipeline=chosen,
+                                   calibration=CalibrationData.from_samples(samples), log=log, **options)
+            manifests[name], quantization = result.manifest, integer_io(result.model)
+            del model, samples, result
         dataclasses.replace(layout, cache_quantization=quantization or None).save(tmp)
-    return results
+    return manifests
 
 
 __all__ = ["DECODER_FILE", "DecoderLayout", "compile_decoder", "export_steps", "layout_of", "torch_step"]

@@ -151,5 +151,5 @@ def test_second_moment_is_off_by_default_and_reported_when_on():
     run_pipeline(Pipeline.parse("quantize-weights{format=int4:per-channel,second_moment=true}"), gamma, ctx_gamma)
     assert all(":γ" not in r["format"] for r in ctx_plain.report["weights"])
     assert all(r["format"].endswith(":γ") for r in ctx_gamma.report["weights"])
-    scales = lambda m: [n.inputs[1].const_value.numpy() for n in m.graph if n.op_type == "DequantizeLinear"]  # noqa: E731
+    scales = lambda m: [n.inputs[1].const_value.numpy() for n in m.graph if n.op_type == "DequantizeLinear"]
     assert any(not np.array_equal(a, b) for a, b in zip(scales(plain), scales(gamma)))
