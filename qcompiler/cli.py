@@ -181,6 +181,10 @@ def run(argv: list[str] | None = None) -> int:
         from .cli_generate import run_generate
 
         return run_generate(argv[1:], PROG)
+    if argv and argv[0] == "decoder":  # qcompile decoder HF_FOLDER ...: compile a causal LM
+        from .cli_decoder import run_decoder
+
+        return run_decoder(argv[1:], PROG)
     args = build_parser().parse_args(argv)
     out = sys.stdout
     if args.version:

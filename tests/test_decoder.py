@@ -173,3 +173,30 @@ def test_generated_tokens_and_logits_match_the_reference(target, llama, calib_id
         theirs, their_logits = reference.generate(prompt, 8, return_logits=True)
         assert np.array_equal(ours, theirs)
         np.testing.assert_array_equal(our_logits, their_logits)
+
+
+@pytest.mark.slow
+def test_cli_compiles_a_model_folder_and_generates_text(tmp_path, cli):
+    """``qcompile decoder FOLDER`` (a tiny Llama saved with the bundled MiniLM example's
+    tokenizer) then ``qcompile generate --prompt``; a folder without a model: exit 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qcompiler.examples import minilm
+
+    tokenizer = minilm.tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    folder = tmp_path / "tiny"
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = minilm.gensim_data_dir() / "lee_background.cor"
+    done = cli("decoder", folder, "-t", "reference", "-o", tmp_path / "out", "--calib-text", text,
+               "--max-context", "32", "--prefill", "8", "--windows", "4", "--window-tokens", "16")
+    assert done.returncode == 0, done.stderr
+    assert "prefill bit-exact, decode bit-exact" in done.stdout
+    said = cli("generate", tmp_path / "out", "--prompt", "the weather today", "--tokenizer", folder, "--max-new-tokens", "3")
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.strip().startswith("[CLS] the weather today")
+    bad = cli("decoder", tmp_path, "-t", "reference", "-o", tmp_path / "nope", "--calib-text", text)
+    assert bad.returncode == 2 and "no config.json" in bad.stderr and not (tmp_path / "nope").exists()
