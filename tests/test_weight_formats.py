@@ -103,3 +103,21 @@ def test_weight_formats_on_integer_targets(target, tmp_path):
         result = qcompiler.compile(model, target, tmp_path / str(i), calib=calib,
                                    pipeline=f"insert-fake-quant{{weights={weights}}},lower-integer")
         assert result.manifest["verified"]["status"] == "bit-exact", (model_name, weights)
+
+
+def test_int4_matmul_weights_stay_int4_in_the_integer_model(tmp_path):
+    """Lowered, int4 MatMul weights stay INT4 initializers: the reference artifact stores
+    them two per byte (weight bytes = parameters / 2)."""
+    import onnx
+
+    model = to_ir(mlp())
+    calib = {"x": np.stack([rng(j).standard_normal((1, 16)).astype(np.float32) for j in range(8)])}
+    qcompiler.compile(model, "reference", tmp_path / "out", calib=calib,
+                      pipeline="insert-fake-quant{weights=int4:per-channel},lower-integer")
+    proto = onnx.load(tmp_path / "out" / "model.onnx")
+    inits = {t.name: t for t in proto.graph.initializer}
+    weights = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "IntMatMul"]
+    assert len(weights) == 2 and all(w.data_type == onnx.TensorProto.INT4 for w in weights)
+    for w in weights:
+        params = int(np.prod(w.dims))
+        assert len(w.raw_data) == (params + 1) // 2
