@@ -65,6 +65,7 @@ def test_shards_are_contiguous_and_never_empty():
     assert shards([1, 2], 5) == [[1], [2]]
 
 
+@pytest.mark.slow
 def test_a_malformed_cluster_spec_is_one_line_without_starting_anything(cli, tmp_path):
     done = cli("model.onnx", "-t", "reference", "-o", tmp_path / "out", "--cluster", "local")
     assert done.returncode == 2 and done.stderr.count("\n") == 1

@@ -35,7 +35,7 @@ def calib_ids():
     return np.random.default_rng(0).integers(0, 128, (6, 20))
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("kv_heads", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_static_cache_steps_match_the_full_forward(kv_heads):
     """Prompt in chunks of 8 (the last left-padded), then one token at a time: the logits of
     every generated position equal transformers' forward over the whole sequence."""

@@ -57,7 +57,7 @@ def test_state_inputs_and_outputs_become_int8_with_fixed_parameters():
     assert first_float_compute(model) is None
 
 
-@pytest.mark.parametrize("target", ["reference", "npu-sim"])
+@pytest.mark.parametrize("target", ["reference", pytest.param("npu-sim", marks=pytest.mark.slow)])
 def test_the_kept_rows_round_trip_exactly(target, tmp_path):
     calib = {k: np.stack([s[k] for s in samples()]) for k in ("x", "state")}
     result = qcompiler.compile(sliding_state(), target, tmp_path / "out", calib=calib,

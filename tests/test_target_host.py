@@ -96,6 +96,7 @@ def test_unsupported_op_is_a_target_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["float", "weights-int8"])
 def test_cli_compiles_and_artifact_runs(cli, tmp_path, preset):
     path = save(mlp(), tmp_path / "mlp.onnx")

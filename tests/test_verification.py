@@ -61,6 +61,7 @@ def test_no_verify_records_that_it_did_not_run(tmp_path):
     assert verified["status"] == "not-run"
 
 
+@pytest.mark.slow
 def test_cli_reports_verification_and_no_verify(cli, tmp_path):
     path = save(mlp(), tmp_path / "m.onnx")
     result = cli(path, "-t", "host", "-o", tmp_path / "a", "--preset", "float")
