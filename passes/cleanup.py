@@ -265,7 +265,10 @@ class _BiasAddIntoConv(Rule):
 
 @dataclass(frozen=True)
 class FoldBatchNorm(Pass):
-    """Fold inference BatchNormalization into the preceding Conv, ConvTranspose or Gemm."""
+    """Fold inference BatchNormalization into the preceding Conv, ConvTranspose or Gemm; one
+    that follows anything else (a ReLU, an Add: tf2onnx writes them) becomes the per-channel
+    affine ``x·s + t`` it computes (``Mul`` and ``Add`` by constants, which lower to integer
+    ops where a BatchNormalization has no integer form)."""
 
     name = "fold-batchnorm"
 
@@ -276,7 +279,39 @@ class FoldBatchNorm(Pass):
         moved = PatternRewriter([_BiasAddIntoConv.rule(op, swapped) for op in ("Conv", "ConvTranspose")
                                  for swapped in (False, True)]).apply(model)
         stats = PatternRewriter(rules).apply(model)
+        affine = PatternRewriter([_BatchNormAsAffine.rule()]).apply(model)
         remaining = [n for n in model.graph if n.op_type == "BatchNormalization"]
         if remaining:
             ctx.log(f"fold-batchnorm: {len(remaining)} BatchNorm left (e.g. {node_label(remaining[0])})")
-        return stats.total + moved.total > 0
+        return stats.total + moved.total + affine.total > 0
+
+
+class _BatchNormAsAffine(Rule):
+    """``BN(x)`` (inference, constant parameters) → ``Add(Mul(x, s), t)`` with ``s, t`` from
+    :func:`_bn_scale_shift`, shaped ``(1, C, 1, …)`` for the channel axis 1."""
+
+    def pattern(self, op, x):
+        return op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["y"])
+
+    def check(self, context, x, y):
+        result = MatchResult()
+        bn = y.producer()
+        if len(bn.outputs) > 1 and any(o.uses() for o in bn.outputs[1:]):
+            return result.fail("BatchNorm running-stat outputs are used (training graph)")
+        if bn.attributes.get("training_mode") is not None and bn.attributes["training_mode"].as_int():
+            return result.fail("BatchNorm is in training mode")
+        if any(v is None or const_array(v) is None for v in bn.inputs[1:5]):
+            return result.fail("BatchNorm parameters are not constant")
+        if x.shape is None or len(x.shape) < 2 or x.dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+            return result.fail("input rank or type unknown")
+        return result
+
+    def rewrite(self, op, x, y):
+        scale, shift = _bn_scale_shift(y.producer())
+        shape = (1, -1) + (1,) * (len(x.shape) - 2)
+        dtype = x.dtype.numpy()
+        s = op.initializer(ir.tensor(scale.reshape(shape).astype(dtype)), name=(y.name or "bn") + "_scale")
+        t = op.initializer(ir.tensor(shift.reshape(shape).astype(dtype)), name=(y.name or "bn") + "_shift")
+        scaled = op.Mul(x, s)
+        scaled.dtype, scaled.shape = x.dtype, x.shape  # typed: insert-fake-quant plans float tensors only
+        return op.Add(scaled, t)

@@ -89,12 +89,14 @@ def test_does_not_fire_when_conv_output_is_shared_or_weights_not_constant():
     ]
     model = to_ir(make_model(nodes, [tensor("x", [1, 2, 3, 3])], [tensor("y", [1, 2, 3, 3]), tensor("z", [1, 2, 3, 3])], inits))
     apply(model)
-    assert [n.op_type for n in model.graph].count("BatchNormalization") == 1
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert conv.inputs[1].name == "w"  # not folded: the weight is the original one
+    assert sorted(n.op_type for n in model.graph) == ["Add", "Conv", "Mul", "Relu"]  # the BN as its affine
     # Weight is a graph input, not a constant.
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
     model = to_ir(make_model(nodes, [tensor("x", [1, 2, 3, 3]), tensor("w", [2, 2, 1, 1])], [tensor("y", [1, 2, 3, 3])], inits[1:]))
     apply(model)
-    assert [n.op_type for n in model.graph].count("BatchNormalization") == 1
+    assert sorted(n.op_type for n in model.graph) == ["Add", "Conv", "Mul"]
 
 
 @pytest.mark.parametrize("op,swapped", [("Conv", False), ("ConvTranspose", True)])
@@ -118,3 +120,33 @@ def test_bias_added_after_the_conv_then_batchnorm(op, swapped):
     run_pipeline(Pipeline.parse("fold-batchnorm"), model, PassContext())
     assert [n.op_type for n in model.graph] == [op]
     np.testing.assert_allclose(run(model, {"x": x})["y"], before, rtol=1e-5, atol=1e-5)
+
+
+def relu_then_batchnorm(rank: int = 4):
+    """tf2onnx's ``Relu → BatchNormalization``: nothing to fold into."""
+    r = rng(9)
+    shape = [1, 3, 4, 4][:rank] if rank >= 2 else [1, 3]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], epsilon=1e-3)]
+    inits = [init("s", r.uniform(0.5, 2, 3).astype(np.float32)), init("b", r.standard_normal(3).astype(np.float32)),
+             init("m", r.standard_normal(3).astype(np.float32)), init("v", r.uniform(0.2, 3, 3).astype(np.float32))]
+    return make_model(nodes, [tensor("x", shape)], [tensor("y", shape)], inits), shape
+
+
+@pytest.mark.parametrize("rank", [2, 4])
+def test_a_batchnorm_with_nothing_to_fold_into_becomes_its_affine(rank):
+    proto, shape = relu_then_batchnorm(rank)
+    model = to_ir(proto)
+    apply(model)
+    assert [n.op_type for n in model.graph] == ["Relu", "Mul", "Add"]
+    for i in range(3):
+        feeds = {"x": rng(20 + i).standard_normal(shape).astype(np.float32) * 3}
+        np.testing.assert_allclose(run(model, feeds)["y"], run(to_ir(proto), feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_standalone_batchnorm_is_integer_on_npu_sim(tmp_path):
+    import qcompiler
+
+    proto, shape = relu_then_batchnorm()
+    calib = {"x": np.stack([rng(i).standard_normal(shape).astype(np.float32) for i in range(8)])}
+    result = qcompiler.compile(to_ir(proto), "npu-sim", tmp_path / "out", preset="w8a8", calib=calib)
+    assert result.manifest["verified"]["status"] == "bit-exact"
