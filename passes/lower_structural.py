@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from qcompiler import intops
 from qcompiler.graph import const_array
-from qcompiler.qdq import is_nearest_resize
+from qcompiler.qdq import constant_value as _dequantized_constant, is_nearest_resize
 
 from .lowering_common import QT, Refuse as _Refuse, shape_of as _shape
 
@@ -100,11 +100,22 @@ class StructuralLowering:
 
     def _op_Max(self, node: ir.Node, out: QT):
         """Max/Min commute with a common increasing quantization: each input re-expressed with
-        the output's parameters, then the integer Max/Min."""
-        parts = [self.qin(v) for v in node.inputs]
-        if not parts or any(p is None or p.axis is not None for p in parts):
+        the output's parameters (a float constant quantized with them), then the integer
+        Max/Min: ``max(Q(x), Q(c)) = Q(max(x, c))`` for the non-decreasing ``Q``."""
+        aligned = []
+        for value in node.inputs:
+            part = self.qin(value)
+            constant = _dequantized_constant(value) if part is None else None
+            if constant is not None:
+                lo, hi = intops.int_range(out.dtype)
+                levels = np.clip(np.round(constant / out.s) + out.z, lo, hi).astype(out.dtype)
+                aligned.append(self.b.const("bound", levels))
+                continue
+            if part is None or part.axis is not None:
+                return None
+            aligned.append(self.align(part, out, _shape(value)))
+        if not aligned:
             return None
-        aligned = [self.align(p, out, _shape(v)) for p, v in zip(parts, node.inputs)]
         return self.b.node(node.op_type, aligned, dtype=out.dtype, shape=_shape(node.outputs[0]), base=node.name)
 
     _op_Min = _op_Max

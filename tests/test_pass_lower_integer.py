@@ -383,3 +383,20 @@ def test_clip_to_infinity_is_a_one_sided_clip(hi):
     run_pipeline(Pipeline.parse("insert-fake-quant,lower-integer"), model, ctx)
     assert get_stage(model) == "integer"
     assert sqnr_db(before, run(model, samples[0])["y"]) > 25
+
+
+@pytest.mark.parametrize("op,bound", [("Max", -0.4), ("Min", 0.7)])
+def test_max_and_min_with_a_constant_bound(op, bound):
+    """``Max(x, c)`` (tf2onnx's tf.math.maximum after a LeakyRelu): the constant quantized with
+    the output's parameters; exactly the QDQ model, since max(Q(x), Q(c)) = Q(max(x, c))."""
+    nodes = [helper.make_node("LeakyRelu", ["x"], ["a"], alpha=0.2), helper.make_node(op, ["a", "c"], ["y"])]
+    proto = make_model(nodes, [tensor("x", [2, 8])], [tensor("y", [2, 8])], [init("c", np.full((1, 1), bound, np.float32))])
+    model = to_ir(proto)
+    quantize(model, (2, 8), "insert-fake-quant")
+    feeds = [{"x": rng(40 + i).standard_normal((2, 8)).astype(np.float32)} for i in range(4)]
+    fake = [run(model, f)["y"] for f in feeds]
+    ctx = PassContext()
+    run_pipeline(Pipeline.parse("lower-integer"), model, ctx)
+    assert first_float_compute(model) is None and op in op_counts(model)
+    for f, want in zip(feeds, fake):
+        np.testing.assert_array_equal(run(model, f)["y"], want)
