@@ -67,8 +67,7 @@ def _quantize_before(model: ir.Model, names: NameFactory) -> int:
         if qdq_source(source) is not None or source.producer() is None and not source.is_graph_input():
             continue  # already dequantized, or a constant
         scale, zero = params
-        dq = _insert_reading(model.graph, names, source, scale, zero, mover)
-        mover.replace_input_with(0, dq.outputs[0])
+        insert_qdq(model.graph, names, source, scale, zero, after=source.producer(), readers=[mover])
         count += 1
     return count
 
@@ -92,22 +91,6 @@ def _quantize_after(model: ir.Model, names: NameFactory) -> int:
         insert_qdq(model.graph, names, out, scale, zero, after=mover)
         count += 1
     return count
-
-
-def _insert_reading(graph: ir.Graph, names: NameFactory, value: ir.Value, scale: float, zero: np.ndarray,
-                    reader: ir.Node) -> ir.Node:
-    """``DequantizeLinear(QuantizeLinear(value))`` placed before ``reader`` (other readers untouched)."""
-    from qcompiler.graph import add_initializer
-
-    base = value.name or "v"
-    s = add_initializer(graph, names(f"{base}_scale"), np.array(scale, np.float32))
-    z = add_initializer(graph, names(f"{base}_zero_point"), zero)
-    q = ir.node("QuantizeLinear", [value, s, z], name=names(f"{base}_quantize"))
-    dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=names(f"{base}_dequantize"))
-    q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = names(f"{base}_q"), ir.DataType.from_numpy(zero.dtype), value.shape
-    dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = names(f"{base}_dq"), value.dtype, value.shape
-    graph.insert_before(reader, [q, dq])
-    return dq
 
 
 @dataclass(frozen=True)

@@ -187,13 +187,15 @@ def input_derived(model: ir.Model) -> set[int]:
 
 
 def insert_qdq(graph: ir.Graph, names: NameFactory, value: ir.Value, scale: float, zero_point: np.ndarray,
-               after: ir.Node | None) -> ir.Node:
-    """Route every reader of ``value`` through ``DequantizeLinear(QuantizeLinear(value))``.
+               after: ir.Node | None, readers: list[ir.Node] | None = None) -> ir.Node:
+    """Route every reader of ``value`` (or only ``readers``) through
+    ``DequantizeLinear(QuantizeLinear(value))``.
 
-    A graph output keeps its name: the dequantized value takes it over. Returns the DQ node.
+    A graph output keeps its name: the dequantized value takes it over (not when only some
+    ``readers`` are routed). Returns the DQ node.
     """
     base = value.name or "v"
-    users = [(u.node, u.idx) for u in value.uses()]
+    users = [(u.node, u.idx) for u in value.uses() if readers is None or u.node in readers]
     s = add_initializer(graph, names(f"{base}_scale"), np.array(scale, np.float32))
     z = add_initializer(graph, names(f"{base}_zero_point"), np.asarray(zero_point).reshape(()))
     q = ir.node("QuantizeLinear", [value, s, z], name=names(f"{base}_quantize"))
@@ -203,7 +205,7 @@ def insert_qdq(graph: ir.Graph, names: NameFactory, value: ir.Value, scale: floa
     q.outputs[0].shape = value.shape
     out = dq.outputs[0]
     out.dtype, out.shape = value.dtype, value.shape
-    was_output = value.is_graph_output()
+    was_output = value.is_graph_output() and readers is None
     if after is None:
         graph.insert_before(next(iter(graph)), [q, dq])
     else:
