@@ -107,7 +107,11 @@ def producer_of(node: ir.Node, kinds: tuple[str, ...]) -> Producer | None:
 
 class Folder:
     """Writes rescaled constants: in place when the initializer is only this node's,
-    else as a fresh initializer (a shared bias or a Constant node output)."""
+    else as a fresh initializer (a shared bias or a Constant node output).
+
+    The folding functions below only call ``read``/``write``/``scale``/``expand``: the
+    learning stage (``learn-quant``) runs them on torch tensors through its own folder,
+    so the transforms it learns are exactly the ones folded here."""
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
@@ -124,6 +128,9 @@ class Folder:
             set_initializer_array(value, array)
         else:
             node.replace_input_with(index, add_initializer(self.graph, self.names(f"{value.name or 'const'}_eq"), array))
+
+    def expand(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return np.broadcast_to(array, shape)
 
     def scale(self, node: ir.Node, index: int, factor: np.ndarray) -> None:
         """``inputs[index] ← inputs[index] · factor`` (broadcasting, keeping the constant's
@@ -152,7 +159,7 @@ def scale_producer(folder: Folder, p: Producer, sigma: np.ndarray) -> None:
         else:
             index = 0 if const_array(node.inputs[0]) is not None else 1
             gamma = folder.read(node, index)
-            folder.write(node, index, np.broadcast_to(gamma, gamma.shape[:-1] + (p.channels,)) * sigma)
+            folder.write(node, index, folder.expand(gamma, tuple(gamma.shape[:-1]) + (p.channels,)) * sigma)
         return
     w = folder.read(node, 1)
     if op == "MatMul":
@@ -161,7 +168,7 @@ def scale_producer(folder: Folder, p: Producer, sigma: np.ndarray) -> None:
         folder.write(node, 1, w * (sigma[:, None] if _int_attr(node, "transB", 0) else sigma[None, :]))
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             c = folder.read(node, 2)
-            folder.write(node, 2, np.broadcast_to(c, np.broadcast_shapes(c.shape, sigma.shape)) * sigma)
+            folder.write(node, 2, folder.expand(c, np.broadcast_shapes(tuple(c.shape), tuple(sigma.shape))) * sigma)
     else:
         folder.write(node, 1, w * _along(sigma, 0 if op == "Conv" else 1, w.ndim))
         folder.scale(node, 2, sigma)

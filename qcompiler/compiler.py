@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import onnx_ir as ir
@@ -128,6 +129,7 @@ def compile_model(
         target=target.capabilities,
         target_name=target.name,
     )
+    ctx.options["progress"] = sys.stderr.isatty()  # calibration and learning show a bar on a terminal
     if tuning is not None:
         ctx.options["tuning"] = tuning
     if isinstance(cluster, str):  # a spec: connect for this compile only

@@ -29,15 +29,23 @@ DAMPING = 0.01
 BLOCK = 128
 
 
-def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, fmt: QFormat) -> QuantizedTensor:
-    """Per-channel GPTQ of ``weight`` (``K × N``, channels on axis 1) given ``H`` (``K × K``)."""
+def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, fmt: QFormat,
+                  scales: tuple[np.ndarray, np.ndarray] | None = None) -> QuantizedTensor:
+    """Per-channel GPTQ of ``weight`` (``K × N``, channels on axis 1) given ``H`` (``K × K``);
+    ``scales``: fixed (scale, zero point) per channel instead of the activation-aware search
+    (the learning stage's learned clipping)."""
     if fmt.granularity != "per-channel":
         raise ValueError("GPTQ here produces per-channel weights")
     w = np.asarray(weight, np.float64).copy()
     k_dim = w.shape[0]
     h = np.asarray(hessian, np.float64).copy()
-    base = quantize_weight(weight, fmt, channel_axis=1, reduce_axis=0)
-    scale, zero = _activation_aware_scales(w, np.diag(h), fmt)
+    if scales is None:
+        base = quantize_weight(weight, fmt, channel_axis=1, reduce_axis=0)
+        scale, zero = _activation_aware_scales(w, np.diag(h), fmt)
+    else:
+        scale, zero = np.asarray(scales[0], np.float64).reshape(-1), np.asarray(scales[1]).astype(fmt.dtype).reshape(-1)
+        base = QuantizedTensor(quantize(weight, scale[None, :].astype(np.float32), zero[None, :], fmt),
+                               scale.astype(np.float32), zero, axis=1)
     # Rows with the largest input energy first ("act order"): their error is compensated
     # by the most remaining rows.
     order = np.argsort(-np.diag(h), kind="stable")

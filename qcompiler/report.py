@@ -191,6 +191,17 @@ def _plots(report: dict) -> list[tuple[str, str]]:
         ax.set_xlabel("weight layer (graph order)")
         ax.legend()
         plots.append(("Mixed-precision allocation", _png(fig)))
+    learning = report.get("learning", {})
+    if learning.get("curve"):
+        fig, ax = plt.subplots(figsize=(10, 3))
+        stride = learning.get("curve_stride", 1)
+        ax.plot([i * stride for i in range(len(learning["curve"]))], learning["curve"], color="tab:purple")
+        ax.axhline(learning["loss_before"], color="k", linestyle="--", label="calibrated (before learning)")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss ‖Ŷ−Y‖²/‖Y‖²")
+        ax.legend()
+        plots.append(("Learning (learn-quant)", _png(fig)))
     return plots
 
 
