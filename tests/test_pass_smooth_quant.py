@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -320,3 +321,46 @@ def test_idempotent_second_run_finds_every_scale_at_one():
     ctx = smooth(model, "smooth-quant,smooth-quant")
     first, second = ctx.results
     assert first.changed and not second.changed
+
+
+# -- AWQ --------------------------------------------------------------------------------------
+
+
+def _w4_weight_only_error(model, feeds, consumers=("wa", "wb")) -> float:
+    """Σ ‖h·W − h·Q4(W)‖² / ‖h·W‖² over the LayerNorm's consumers (per-channel int4)."""
+    from qcompiler.passes.smooth_quant import fake_quant_columns
+
+    h = qcompiler_run(model, feeds, "h").reshape(-1, 16)
+    error = 0.0
+    for name in consumers:
+        w = const(model, name)
+        ref = h @ w
+        error += float(np.sum((ref - h @ fake_quant_columns(w, 4)) ** 2) / np.sum(ref**2))
+    return error
+
+
+def test_awq_scales_by_mean_activation_and_lowers_int4_weight_error():
+    feeds = {"x": rng(100).standard_normal((1, 8, 16)).astype(f32)}
+    model = ln_block()
+    reference = run(model, feeds)["y"]
+    before = _w4_weight_only_error(model, feeds)
+    ctx = smooth(model, "smooth-quant{awq=true,weight_bits=4,linear_pairs=false}")
+    (chain,) = ctx.report["smooth_quant"]["chains"]
+    assert chain["method"] == "awq" and chain["alpha"] > 0
+    assert chain["search_error"]["best"] <= chain["search_error"]["at_default"]
+    np.testing.assert_allclose(run(model, feeds)["y"], reference, rtol=1e-5, atol=1e-5)  # float-equivalent
+    after = _w4_weight_only_error(model, feeds)
+    print(f"int4 weight-only error {before:.4g} → {after:.4g}")
+    assert after < before
+
+
+def test_awq_leaves_channels_alone_when_the_search_keeps_alpha_zero():
+    """α = 0 (what the search picks when no migration lowers the error) is s = 1: nothing folds."""
+    model = ln_block()
+    gamma = const(model, "gamma")
+    model.graph.initializers["gamma"].const_value = ir.tensor(np.ones_like(gamma), name="gamma")
+    model.graph.initializers["beta"].const_value = ir.tensor(np.zeros_like(gamma), name="beta")
+    wa = const(model, "wa").copy()
+    ctx = smooth(model, "smooth-quant{awq=true,weight_bits=4,linear_pairs=false,grid=\"0.0\"}")
+    assert ctx.report["smooth_quant"]["chains"] == []
+    np.testing.assert_array_equal(const(model, "wa"), wa)
