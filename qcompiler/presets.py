@@ -10,7 +10,11 @@ from .pipeline import _suggest
 _CLEANUP = "fold-constants,remove-identity,fold-batchnorm,eliminate-dead-code"
 #: Static per-tensor activations (int16 where the calibration data says int8 loses too
 #: much), integer softmax/GELU/LayerNorm, lowered to the integer stage.
-_QUANTIZE = "fuse-layernorm,fuse-rmsnorm,exact-masks,insert-fake-quant{{{w}wide_below_db=30.0}},settle-qdq,lower-integer"
+_QUANTIZE = "fuse-layernorm,fuse-rmsnorm,exact-masks,insert-fake-quant{{{w}wide_below_db=30.0}},{learn}settle-qdq,lower-integer"
+#: The learning stage (activation ranges, weight clipping, equivalent transforms learned end
+#: to end on the calibration data; kept only where it lowers the loss).
+_LEARN = "learn-quant{steps=200},"
+_W4 = "weights=int4:per-channel,weight_method=gptq,"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +38,29 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "w8a8",
-            f"{_CLEANUP},{_QUANTIZE.format(w='')}",
+            f"{_CLEANUP},{_QUANTIZE.format(w='', learn='')}",
             "int8 per-channel weights, static per-tensor int8 activations (int16 where needed), "
             "integer-only graph",
             True,
         ),
         Preset(
             "w4a8",
-            f"{_CLEANUP},{_QUANTIZE.format(w='weights=int4:per-channel,weight_method=gptq,')}",
+            f"{_CLEANUP},{_QUANTIZE.format(w=_W4, learn='')}",
             "int4 per-channel weights (GPTQ), static per-tensor int8 activations (int16 where needed), "
             "integer-only graph",
+            True,
+        ),
+        Preset(
+            "w8a8-learned",
+            f"{_CLEANUP},{_QUANTIZE.format(w='', learn=_LEARN)}",
+            "w8a8, then learn-quant: activation ranges, weight clipping and equivalent transforms learned "
+            "end to end on the calibration data (minutes)",
+            True,
+        ),
+        Preset(
+            "w4a8-learned",
+            f"{_CLEANUP},{_QUANTIZE.format(w=_W4, learn=_LEARN)}",
+            "w4a8, then learn-quant (as w8a8-learned; final int4 weights by GPTQ with the learned scales)",
             True,
         ),
     )

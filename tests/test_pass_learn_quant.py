@@ -284,3 +284,21 @@ def test_a_learned_model_compiles_for_the_integer_npu_verified_bit_exact(tmp_pat
     assert result.manifest["verified"]["status"] == "bit-exact"
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Learning (learn-quant)" in html
+
+
+@pytest.mark.slow
+def test_learned_preset_from_the_command_line(cli, tmp_path):
+    """`--preset w4a8-learned` on a CNN: learning runs, the npu-sim build is verified."""
+    import json
+
+    from builders import save
+
+    model = save(cnn_bn(), tmp_path / "cnn.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng(5).standard_normal((16, 1, 3, 8, 8)).astype(f32))
+    done = cli(model, "-t", "npu-sim", "-o", tmp_path / "out", "--preset", "w4a8-learned",
+               "--calib", tmp_path / "calib.npz", "--report")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["learning"]["steps"] == 200
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["verified"]["status"] == "bit-exact"
