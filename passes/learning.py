@@ -121,7 +121,7 @@ class Learner:
         for key in self._transformed_keys():
             if key not in self._weight_keys:
                 input_hooks[key] = (lambda k=key: self.current[k])
-        self.graph = TorchGraph(model, node_hooks, input_hooks)
+        self.graph = TorchGraph(model, node_hooks, input_hooks, share_constants=self.plain_graph)
         self.targets: list[dict[str, torch.Tensor]] = []
         self.masks: list[torch.Tensor | None] = []
 
@@ -130,8 +130,10 @@ class Learner:
     def _base(self, name: str, index: int) -> torch.Tensor:
         key = (name, index)
         if key not in self._base_cache:
-            array = const_array(self._float_nodes[name].inputs[index])
-            self._base_cache[key] = to_torch(np.asarray(array, np.float32))
+            value = self._float_nodes[name].inputs[index]
+            shared = self.float_graph.constant(value)
+            self._base_cache[key] = shared.float() if shared is not None else \
+                to_torch(np.asarray(const_array(value), np.float32))
         return self._base_cache[key]
 
     def _weight_now(self, key: tuple[str, int]) -> torch.Tensor:

@@ -431,17 +431,21 @@ class TorchGraph:
     """Runs ``model``'s graph in torch; see the module docstring for the hooks."""
 
     def __init__(self, model: ir.Model, node_hooks: Mapping[str, NodeHook] | None = None,
-                 input_hooks: Mapping[tuple[str, int], InputHook] | None = None):
+                 input_hooks: Mapping[tuple[str, int], InputHook] | None = None,
+                 share_constants: TorchGraph | None = None):
         self.graph = model.graph
         self.node_hooks = dict(node_hooks or {})
         self.input_hooks = dict(input_hooks or {})
-        self._constants: dict[int, torch.Tensor] = {}
+        # Another executor of the same graph lends its constants (one copy in memory).
+        self._constants: dict[int, torch.Tensor] = share_constants._constants if share_constants else {}
         for node in self.graph:
             runnable = node.domain in ("", "ai.onnx") and (node.op_type in OPS or node.op_type == "Constant")
             if not runnable and node.name not in self.node_hooks:
                 raise UnsupportedOp(f"{node_label(node)}: the learning stage has no differentiable form of this op")
             for value in node.inputs:
-                array = const_array(value) if value is not None and value.producer() is None else None
+                if value is None or id(value) in self._constants or value.producer() is not None:
+                    continue
+                array = const_array(value)
                 if array is not None:
                     self._constants[id(value)] = to_torch(array)
 
@@ -472,6 +476,10 @@ class TorchGraph:
             for value, out in zip(node.outputs, outputs, strict=False):
                 env[id(value)] = out
         return {value.name: env[id(value)] for value in self.graph.outputs}
+
+    def constant(self, value: ir.Value) -> torch.Tensor | None:
+        """The torch tensor of a constant input (shared with the executor)."""
+        return self._constants.get(id(value))
 
 
 __all__ = ["OPS", "TorchGraph", "UnsupportedOp", "dequantize_linear", "quantize_linear", "round_ste", "to_torch"]
