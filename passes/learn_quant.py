@@ -6,7 +6,8 @@ weight clipping (LWC) and equivalent transformation (LET) are the same idea for 
 This pass runs on the fake-quant model ``insert-fake-quant`` made and optimises, with
 Adam on the calibration samples,
 
-    L = Σ_outputs ‖Ŷ − Y‖² / ‖Y‖²          (masked positions left out with ``valid_mask``)
+    L = Σ_outputs ‖Ŷ − Y‖² / ‖Y‖²          (masked positions left out with ``valid_mask``;
+                                           ``loss=kl``: KL(softmax(Y) ‖ softmax(Ŷ)) for logits)
 
 where ``Y`` is the float reference model's output and ``Ŷ`` the fake-quant model's with
 
@@ -39,6 +40,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -70,6 +72,7 @@ class LearnQuant(Pass):
     clipping: bool = option(True, "learn weight clipping per scale entry (LWC)")
     transforms: bool = option(True, "learn per-channel equivalent transforms on exact producer/consumer pairs (LET)")
     gptq: bool = option(True, "final integers of per-channel MatMul/Gemm weights by GPTQ with the learned scales and transforms")
+    loss: Literal["mse", "kl"] = option("mse", "mse: ‖Ŷ−Y‖²/‖Y‖² per output; kl: KL(softmax(Y)‖softmax(Ŷ)) over the last axis (logits)")
     valid_mask: str = option("", "model input whose 0 entries mark padded positions, left out of the loss (e.g. attention_mask)")
 
     def __post_init__(self):
@@ -94,7 +97,8 @@ class LearnQuant(Pass):
         torch.manual_seed(ctx.seed)
         try:
             learner = Learner(model, ir.from_proto(qstate.float_reference(model)), qstate.activation_plan(model),
-                              ranges=self.ranges, clipping=self.clipping, transforms=self.transforms)
+                              ranges=self.ranges, clipping=self.clipping, transforms=self.transforms,
+                              objective=self.loss)
             learner.set_targets(samples, self.valid_mask or None)
             report = self._learn(learner, samples, ctx)
             values = None
@@ -173,7 +177,7 @@ class LearnQuant(Pass):
         stride = max(1, math.ceil(len(curve) / CURVE_POINTS))
         return {
             "steps": steps, "diverged": diverged, "seconds": round(seconds, 1), "samples": len(samples), "batch": self.batch,
-            "lr": self.lr, "parameters": count, "seed": ctx.seed, **learner.summary(),
+            "lr": self.lr, "loss": self.loss, "parameters": count, "seed": ctx.seed, **learner.summary(),
             "loss_before": float(before), "loss_learning": float(learned), "loss_after": float(learned), "kept": False,
             "curve": [round(float(np.mean(curve[i:i + stride])), 6) for i in range(0, len(curve), stride)],
             "curve_stride": stride,

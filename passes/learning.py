@@ -105,8 +105,8 @@ class Learner:
     """Learnable quantization of one fake-quant model against its float reference."""
 
     def __init__(self, model: ir.Model, float_model: ir.Model, plan: dict, *, ranges: bool = True,
-                 clipping: bool = True, transforms: bool = True):
-        self.model, self.plan = model, plan
+                 clipping: bool = True, transforms: bool = True, objective: str = "mse"):
+        self.model, self.plan, self.objective = model, plan, objective
         self._float_nodes = {n.name: n for n in float_model.graph}
         self._nodes = {n.name: n for n in model.graph}
         self._base_cache: dict[tuple[str, int], torch.Tensor] = {}
@@ -280,13 +280,26 @@ class Learner:
         return self._loss_from(outputs, index)
 
     def _loss_from(self, outputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:
+        """``mse``: ``Σ ‖Ŷ − Y‖² / ‖Y‖²``; ``kl``: the mean over positions of
+        ``KL(softmax(Y) ‖ softmax(Ŷ))`` along the last axis (logits: distillation)."""
         total = torch.zeros(())
         mask = self.masks[index]
         for name, target in self.targets[index].items():
-            diff = (outputs[name].float() - target) ** 2
-            norm = target**2
+            out = outputs[name].float()
+            weight = None
             if mask is not None and tuple(target.shape[: mask.dim()]) == tuple(mask.shape):
                 weight = mask.reshape(tuple(mask.shape) + (1,) * (target.dim() - mask.dim())).float()
+            if self.objective == "kl":
+                p = torch.log_softmax(target, dim=-1)
+                per_row = (p.exp() * (p - torch.log_softmax(out, dim=-1))).sum(dim=-1, keepdim=True)
+                if weight is not None:
+                    weight = weight.expand_as(per_row)
+                    total = total + (per_row * weight).sum() / torch.clamp(weight.sum(), min=1.0)
+                else:
+                    total = total + per_row.mean()
+                continue
+            diff, norm = (out - target) ** 2, target**2
+            if weight is not None:
                 diff, norm = diff * weight, norm * weight
             total = total + diff.sum() / torch.clamp(norm.sum(), min=1e-30)
         return total

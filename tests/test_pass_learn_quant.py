@@ -156,6 +156,17 @@ def test_learning_lowers_the_loss_and_raises_held_out_sqnr(build):
     assert end > start
 
 
+def test_a_distillation_loss_for_logits():
+    """loss=kl: KL(softmax(Y) ‖ softmax(Ŷ)) along the last axis, what a language model's
+    logits are compared with; same write-back and keep rule."""
+    model = to_ir(mlp())
+    ctx = fake_quant(model)
+    report = learn(model, ctx, "steps=60,loss=kl")
+    assert report["loss"] == "kl" and report["steps"] == 60
+    assert 0 < report["loss_before"] < 1
+    assert report["kept"] == (report["loss_after"] < report["loss_before"])
+
+
 def test_the_written_model_computes_what_was_learned():
     """The loss the learner reports for its parameters is the loss of the model written back."""
     model = pre_ln_block()
