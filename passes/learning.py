@@ -50,7 +50,8 @@ class _TorchFolder(Folder):
         self.values: dict[tuple[str, int], torch.Tensor] = {}
 
     def read(self, node: ir.Node, index: int) -> torch.Tensor:
-        return self.values.get((node.name, index), None) if (node.name, index) in self.values else self.base(node.name, index)
+        key = (node.name, index)
+        return self.values[key] if key in self.values else self.base(*key)
 
     def write(self, node: ir.Node, index: int, array) -> None:
         self.values[(node.name, index)] = array
